@@ -1,0 +1,102 @@
+"""libvirt's event loop in a daemon thread, and the hand-over of events to trio.
+
+libvirt delivers events (and keepalives) only while somebody runs its event loop; the
+default implementation must be registered before any connection is opened.  Callbacks run
+on that thread, so they are handed to trio with `TrioToken.run_sync_soon`, which never
+blocks: a blocking hand-over would stall libvirt's own loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import libvirt
+import trio
+
+log = logging.getLogger(__name__)
+
+_started = False
+_start_lock = threading.Lock()
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event implementation once and run it forever."""
+    global _started
+    with _start_lock:
+        if _started:
+            return
+        # libvirt prints every error to stderr unless told otherwise; ours are reported
+        # through DriverError instead.
+        libvirt.registerErrorHandler(lambda ctx, error: None, None)
+        libvirt.virEventRegisterDefaultImpl()
+        thread = threading.Thread(target=_run_forever, name="libvirt-events", daemon=True)
+        thread.start()
+        _started = True
+
+
+def _run_forever() -> None:
+    while True:
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except Exception:  # the loop must survive a bad callback
+            log.exception("libvirt event loop")
+
+
+@dataclass(frozen=True)
+class Change:
+    """Something changed on a host: `kind` is domain, snapshot, pool, volume or network;
+    `uuid` names the object (the domain for a snapshot) when known."""
+
+    kind: str
+    uuid: str | None = None
+    detail: str = ""
+
+
+class EventForwarder:
+    """Registers libvirt event callbacks on a connection and forwards them as `Change`s to a
+    trio-side callback."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken, deliver: Callable[[Change], None]) -> None:
+        self._token = token
+        self._deliver = deliver
+
+    def _send(self, change: Change) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._deliver, change)
+
+    def register(self, conn: libvirt.virConnect) -> None:
+        """Called in a worker thread each time the connection opens."""
+        registrations = [
+            (conn.domainEventRegisterAny, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._domain),
+            (conn.domainEventRegisterAny, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._domain_plain),
+            (conn.networkEventRegisterAny, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE, self._network),
+            (conn.storagePoolEventRegisterAny, libvirt.VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE,
+             self._pool),
+        ]
+        if hasattr(libvirt, "VIR_STORAGE_POOL_EVENT_ID_REFRESH"):
+            registrations.append((conn.storagePoolEventRegisterAny,
+                                  libvirt.VIR_STORAGE_POOL_EVENT_ID_REFRESH, self._pool_plain))
+        for register, event_id, callback in registrations:
+            try:
+                register(None, event_id, callback, None)
+            except libvirt.libvirtError as e:
+                log.info("events not available (%s)", e.get_error_message())
+
+    def _domain(self, conn, dom, event, detail, opaque) -> None:
+        self._send(Change("domain", dom.UUIDString(), f"{event}:{detail}"))
+
+    def _domain_plain(self, conn, dom, opaque) -> None:
+        self._send(Change("domain", dom.UUIDString(), "reboot"))
+
+    def _network(self, conn, net, event, detail, opaque) -> None:
+        self._send(Change("network", net.UUIDString(), f"{event}:{detail}"))
+
+    def _pool(self, conn, pool, event, detail, opaque) -> None:
+        self._send(Change("pool", pool.UUIDString(), f"{event}:{detail}"))
+
+    def _pool_plain(self, conn, pool, opaque) -> None:
+        self._send(Change("pool", pool.UUIDString(), "refresh"))

@@ -1,0 +1,306 @@
+"""What the tree asks of one hypervisor host, in plain Python values.
+
+Each public coroutine runs one short piece of libvirt code in a worker thread (see
+`Connection.call`).  Objects are addressed by UUID where libvirt has one (domains, pools,
+networks), so a rename never changes identity; snapshots and volumes by name within their
+parent.  Only libvirt's portable API is used, so every driver (QEMU, LXC, Xen, test, ...)
+works; what a hypervisor lacks surfaces as DriverError(EOPNOTSUPP) for that call alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+from lxml import etree
+
+from libvirtfs.drivers.connection import Connection
+from libvirtfs.drivers.states import (
+    domain_reason_word,
+    domain_state_word,
+    pool_state_word,
+    version_string,
+    volume_type_word,
+)
+
+Info = dict[str, Any]
+
+
+def _domain(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
+    return conn.lookupByUUIDString(uuid)
+
+
+def _pool(conn: libvirt.virConnect, uuid: str) -> libvirt.virStoragePool:
+    return conn.storagePoolLookupByUUIDString(uuid)
+
+
+def _network(conn: libvirt.virConnect, uuid: str) -> libvirt.virNetwork:
+    return conn.networkLookupByUUIDString(uuid)
+
+
+def _snapshot(conn: libvirt.virConnect, uuid: str, name: str) -> libvirt.virDomainSnapshot:
+    return _domain(conn, uuid).snapshotLookupByName(name, 0)
+
+
+def _definition(xml_desc: Callable[[int], str], inactive_flag: int) -> str:
+    """The persistent definition; drivers that lack the INACTIVE flag (the test driver for
+    pools and networks) have only one definition to give."""
+    try:
+        return xml_desc(inactive_flag)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+            raise
+        return xml_desc(0)
+
+
+def _safe_parser() -> etree.XMLParser:
+    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                           huge_tree=False)
+
+
+class Host:
+    """One hypervisor host reached through one libvirt URI."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    async def open(self) -> None:
+        """Connect now, so that a bad URI or an unreachable host fails at mount time."""
+        await self.connection.call(lambda conn: None)
+
+    # -- host --------------------------------------------------------------------------
+
+    async def uri(self) -> str:
+        return await self.connection.call(lambda conn: conn.getURI())
+
+    async def hostname(self) -> str:
+        return await self.connection.call(lambda conn: conn.getHostname())
+
+    async def driver_type(self) -> str:
+        return await self.connection.call(lambda conn: conn.getType())
+
+    async def info(self) -> Info:
+        def fetch(conn: libvirt.virConnect) -> Info:
+            model, memory_mib, cpus, mhz, nodes, sockets, cores, threads = conn.getInfo()
+            try:
+                hv_version = version_string(conn.getVersion())
+            except libvirt.libvirtError:
+                hv_version = "unknown"
+            return {
+                "hostname": conn.getHostname(),
+                "hypervisor": conn.getType(),
+                "hypervisor-version": hv_version,
+                "libvirt-version": version_string(conn.getLibVersion()),
+                "cpu-model": model,
+                "cpus": cpus,
+                "cpu-mhz": mhz,
+                "numa-nodes": nodes,
+                "sockets": sockets,
+                "cores": cores,
+                "threads": threads,
+                "memory": memory_mib * 1024,
+            }
+        return await self.connection.call(fetch)
+
+    async def capabilities(self) -> str:
+        return await self.connection.call(lambda conn: conn.getCapabilities())
+
+    # -- domains -----------------------------------------------------------------------
+
+    async def list_domains(self) -> list[tuple[str, str]]:
+        """(uuid, name) of every domain, active or defined: one libvirt call."""
+        return await self.connection.call(
+            lambda conn: [(d.UUIDString(), d.name()) for d in conn.listAllDomains(0)])
+
+    async def domain_state(self, uuid: str) -> tuple[str, str]:
+        def fetch(conn: libvirt.virConnect) -> tuple[str, str]:
+            state, reason = _domain(conn, uuid).state(0)
+            return domain_state_word(state), domain_reason_word(state, reason)
+        return await self.connection.call(fetch)
+
+    async def domain_info(self, uuid: str) -> Info:
+        def fetch(conn: libvirt.virConnect) -> Info:
+            dom = _domain(conn, uuid)
+            state, reason = dom.state(0)
+            _, max_mem, mem, vcpus, cpu_time = dom.info()
+            dom_id = dom.ID()
+            try:
+                managed_save = bool(dom.hasManagedSaveImage(0))
+            except libvirt.libvirtError:
+                managed_save = False
+            return {
+                "name": dom.name(),
+                "uuid": dom.UUIDString(),
+                "id": dom_id if dom_id >= 0 else "-",
+                "state": domain_state_word(state),
+                "reason": domain_reason_word(state, reason),
+                "vcpus": vcpus,
+                "memory": mem,
+                "max-memory": max_mem,
+                "cpu-time": cpu_time,
+                "persistent": bool(dom.isPersistent()),
+                "autostart": bool(dom.autostart()),
+                "managed-save": managed_save,
+            }
+        return await self.connection.call(fetch)
+
+    async def domain_xml(self, uuid: str, *, inactive: bool) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return await self.connection.call(lambda conn: _domain(conn, uuid).XMLDesc(flags))
+
+    async def domain_autostart(self, uuid: str) -> bool:
+        return await self.connection.call(lambda conn: bool(_domain(conn, uuid).autostart()))
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    async def list_snapshots(self, uuid: str) -> list[str]:
+        return await self.connection.call(
+            lambda conn: [s.getName() for s in _domain(conn, uuid).listAllSnapshots(0)])
+
+    async def current_snapshot(self, uuid: str) -> str | None:
+        def fetch(conn: libvirt.virConnect) -> str | None:
+            dom = _domain(conn, uuid)
+            if not dom.hasCurrentSnapshot(0):
+                return None
+            return dom.snapshotCurrent(0).getName()
+        return await self.connection.call(fetch)
+
+    async def snapshot_parent(self, uuid: str, name: str) -> str | None:
+        def fetch(conn: libvirt.virConnect) -> str | None:
+            try:
+                return _snapshot(conn, uuid, name).getParent(0).getName()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                    return None
+                raise
+        return await self.connection.call(fetch)
+
+    async def snapshot_xml(self, uuid: str, name: str) -> str:
+        return await self.connection.call(lambda conn: _snapshot(conn, uuid, name).getXMLDesc(0))
+
+    async def snapshot_info(self, uuid: str, name: str) -> Info:
+        def fetch(conn: libvirt.virConnect) -> Info:
+            snap = _snapshot(conn, uuid, name)
+            doc = etree.fromstring(snap.getXMLDesc(0).encode(), _safe_parser())
+            memory = doc.find("memory")
+            disks = [f"{d.get('name')}={d.get('snapshot', 'default')}"
+                     for d in doc.findall("disks/disk")]
+            return {
+                "name": snap.getName(),
+                "description": doc.findtext("description") or "",
+                "creation-time": int(doc.findtext("creationTime") or 0),
+                "state": doc.findtext("state") or "nostate",
+                "parent": doc.findtext("parent/name") or "",
+                "children": snap.numChildren(0),
+                "current": bool(snap.isCurrent(0)),
+                "metadata": bool(snap.hasMetadata(0)),
+                "memory": memory.get("snapshot", "") if memory is not None else "",
+                "disks": " ".join(disks),
+            }
+        return await self.connection.call(fetch)
+
+    # -- storage -----------------------------------------------------------------------
+
+    async def list_pools(self) -> list[tuple[str, str]]:
+        return await self.connection.call(
+            lambda conn: [(p.UUIDString(), p.name()) for p in conn.listAllStoragePools(0)])
+
+    async def pool_state(self, uuid: str) -> str:
+        return await self.connection.call(
+            lambda conn: pool_state_word(_pool(conn, uuid).info()[0]))
+
+    async def pool_info(self, uuid: str) -> Info:
+        def fetch(conn: libvirt.virConnect) -> Info:
+            pool = _pool(conn, uuid)
+            state, capacity, allocation, available = pool.info()
+            return {
+                "name": pool.name(),
+                "uuid": pool.UUIDString(),
+                "state": pool_state_word(state),
+                "capacity": capacity,
+                "allocation": allocation,
+                "available": available,
+                "persistent": bool(pool.isPersistent()),
+                "autostart": bool(pool.autostart()),
+            }
+        return await self.connection.call(fetch)
+
+    async def pool_xml(self, uuid: str, *, inactive: bool) -> str:
+        def fetch(conn: libvirt.virConnect) -> str:
+            pool = _pool(conn, uuid)
+            if not inactive:
+                return pool.XMLDesc(0)
+            return _definition(pool.XMLDesc, libvirt.VIR_STORAGE_XML_INACTIVE)
+        return await self.connection.call(fetch)
+
+    async def pool_autostart(self, uuid: str) -> bool:
+        return await self.connection.call(lambda conn: bool(_pool(conn, uuid).autostart()))
+
+    async def list_volumes(self, pool_uuid: str) -> list[str]:
+        def fetch(conn: libvirt.virConnect) -> list[str]:
+            pool = _pool(conn, pool_uuid)
+            if not pool.isActive():
+                return []  # an inactive pool has no volume list to give
+            return [v.name() for v in pool.listAllVolumes(0)]
+        return await self.connection.call(fetch)
+
+    async def volume_xml(self, pool_uuid: str, name: str) -> str:
+        return await self.connection.call(
+            lambda conn: _pool(conn, pool_uuid).storageVolLookupByName(name).XMLDesc(0))
+
+    async def volume_path(self, pool_uuid: str, name: str) -> str:
+        return await self.connection.call(
+            lambda conn: _pool(conn, pool_uuid).storageVolLookupByName(name).path())
+
+    async def volume_info(self, pool_uuid: str, name: str) -> Info:
+        def fetch(conn: libvirt.virConnect) -> Info:
+            vol = _pool(conn, pool_uuid).storageVolLookupByName(name)
+            kind, capacity, allocation = vol.info()
+            return {
+                "name": vol.name(),
+                "key": vol.key(),
+                "path": vol.path(),
+                "type": volume_type_word(kind),
+                "capacity": capacity,
+                "allocation": allocation,
+            }
+        return await self.connection.call(fetch)
+
+    # -- networks ----------------------------------------------------------------------
+
+    async def list_networks(self) -> list[tuple[str, str]]:
+        return await self.connection.call(
+            lambda conn: [(n.UUIDString(), n.name()) for n in conn.listAllNetworks(0)])
+
+    async def network_state(self, uuid: str) -> str:
+        return await self.connection.call(
+            lambda conn: "active" if _network(conn, uuid).isActive() else "inactive")
+
+    async def network_info(self, uuid: str) -> Info:
+        def fetch(conn: libvirt.virConnect) -> Info:
+            net = _network(conn, uuid)
+            try:
+                bridge = net.bridgeName()
+            except libvirt.libvirtError:
+                bridge = ""
+            return {
+                "name": net.name(),
+                "uuid": net.UUIDString(),
+                "state": "active" if net.isActive() else "inactive",
+                "bridge": bridge,
+                "persistent": bool(net.isPersistent()),
+                "autostart": bool(net.autostart()),
+            }
+        return await self.connection.call(fetch)
+
+    async def network_xml(self, uuid: str, *, inactive: bool) -> str:
+        def fetch(conn: libvirt.virConnect) -> str:
+            net = _network(conn, uuid)
+            if not inactive:
+                return net.XMLDesc(0)
+            return _definition(net.XMLDesc, libvirt.VIR_NETWORK_XML_INACTIVE)
+        return await self.connection.call(fetch)
+
+    async def network_autostart(self, uuid: str) -> bool:
+        return await self.connection.call(lambda conn: bool(_network(conn, uuid).autostart()))

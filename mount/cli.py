@@ -1,0 +1,132 @@
+"""`libvirtfs [OPTIONS] [NAME=]URI... MOUNTPOINT [-o OPTS]`
+
+Goes to the background only once the mount is ready, so a script can use it on the next
+line: the command starts a copy of itself in the foreground, in a new session, and waits
+for it to say "ready" (or why not) through a pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+
+import trio
+
+from libvirtfs.mount.options import MountOptions, OptionError
+from libvirtfs.mount.serve import StartupError, parse_host, serve
+
+log = logging.getLogger("libvirtfs")
+
+READY = b"ready\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="libvirtfs",
+        description="Mount libvirt hosts as a directory tree: hosts/NAME/domains, pools, "
+                    "networks.",
+        epilog="Example: libvirtfs test:///default /mnt/virt; unmount with "
+               "fusermount3 -u /mnt/virt.")
+    parser.add_argument("targets", nargs="+", metavar="[NAME=]URI... MOUNTPOINT",
+                        help="libvirt URIs to mount (none: libvirt's default URI), then "
+                             "the mount point")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                        help="comma-separated mount options: ro, allow_other, "
+                             "default_permissions, timeout=SECONDS (libvirt calls, default "
+                             "30), cache_timeout=SECONDS (default 1), and the usual fstab ones")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground")
+    parser.add_argument("--debug", action="store_true",
+                        help="log every filesystem operation (implies nothing else)")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="write the log here (default: standard error in the "
+                             "foreground, syslog in the background)")
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def setup_logging(args: argparse.Namespace, background: bool) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO
+    if args.log_file:
+        handler: logging.Handler = logging.FileHandler(args.log_file)
+    elif background and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+    elif background:
+        handler = logging.NullHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s libvirtfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not args.debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def _background(argv: list[str]) -> int:
+    """Run a foreground copy in a new session; return once it is ready or has failed."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "libvirtfs.mount.cli", *argv, "-f",
+               "--ready-fd", str(write_end)]
+    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
+        child = subprocess.Popen(command, stdin=devnull_in, stdout=devnull_out,
+                                 stderr=devnull_out, pass_fds=(write_end,),
+                                 start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read()
+    if message == READY:
+        return 0
+    text = message.decode(errors="replace").strip()
+    if not text:
+        code = child.wait()
+        text = f"the filesystem process exited with status {code} before the mount was ready"
+    print(f"libvirtfs: {text}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    options = MountOptions()
+    try:
+        for text in args.options:
+            options.add(text)
+    except OptionError as e:
+        parser.error(str(e))
+    *uris, mountpoint = args.targets
+    specs = [parse_host(text) for text in uris] or [parse_host("")]
+    if not args.foreground:
+        return _background(argv)
+
+    ready_pipe = os.fdopen(args.ready_fd, "wb") if args.ready_fd is not None else None
+    setup_logging(args, background=ready_pipe is not None)
+
+    def ready() -> None:
+        if ready_pipe is not None:
+            ready_pipe.write(READY)
+            ready_pipe.close()
+
+    try:
+        trio.run(serve, specs, os.path.abspath(mountpoint), options, ready)
+    except StartupError as e:
+        log.error("%s", e)
+        if ready_pipe is not None and not ready_pipe.closed:
+            ready_pipe.write(f"{e}\n".encode())
+            ready_pipe.close()
+        else:
+            print(f"libvirtfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`-o` options: FUSE's, fstab's, and libvirtfs's own.
+
+`mount -t fuse.libvirtfs` (through mount.fuse3) passes every option of the fstab line, so
+the generic mount options are accepted too: those the kernel understands go to FUSE, the
+ones that only mean something to mount(8) or systemd are dropped.  Anything else is a
+clear error rather than a silently ignored typo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Passed to libfuse as they are.
+FUSE_FLAGS = {
+    "ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
+    "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime", "strictatime",
+    "nostrictatime", "dirsync", "allow_other", "allow_root", "default_permissions",
+    "auto_unmount",
+}
+FUSE_VALUES = {"fsname", "subtype", "max_read", "blksize", "context", "fscontext",
+               "defcontext", "rootcontext"}
+# Meaningful to mount(8), fstab or systemd only.
+IGNORED_FLAGS = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+                 "_netdev", "nofail", "lazytime", "nolazytime", "silent", "loud"}
+IGNORED_PREFIXES = ("x-", "comment=", "X-")
+
+
+class OptionError(ValueError):
+    pass
+
+
+@dataclass
+class MountOptions:
+    fuse: set[str] = field(default_factory=lambda: {"fsname=libvirtfs", "subtype=libvirtfs",
+                                                     "default_permissions"})
+    read_only: bool = False
+    timeout: float = 30.0
+    cache_timeout: float = 1.0
+
+    def add(self, text: str) -> None:
+        """Take one `-o` argument (comma-separated)."""
+        for option in filter(None, (o.strip() for o in text.split(","))):
+            self._add_one(option)
+
+    def _add_one(self, option: str) -> None:
+        key, has_value, value = option.partition("=")
+        if key in ("timeout", "cache_timeout"):
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            if not has_value or (number <= 0 and key == "timeout") or number < 0:
+                raise OptionError(f"option {key} needs a number of seconds, got {value!r}")
+            setattr(self, key, number)
+            return
+        if option in ("ro", "rw"):
+            self.read_only = option == "ro"
+            self.fuse.discard("rw" if option == "ro" else "ro")
+            self.fuse.add(option)
+            return
+        if option in FUSE_FLAGS and not has_value:
+            self.fuse.add(option)
+            return
+        if key in FUSE_VALUES and has_value:
+            self.fuse = {o for o in self.fuse if not o.startswith(key + "=")}
+            self.fuse.add(option)
+            return
+        if option in IGNORED_FLAGS or option.startswith(IGNORED_PREFIXES):
+            return
+        raise OptionError(f"unknown mount option {option!r}")

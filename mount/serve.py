@@ -1,0 +1,162 @@
+"""Bringing a mount up, serving it, and taking it down cleanly.
+
+Order matters: connect to every host first (a bad URI must fail before anything is
+mounted), then mount, then report readiness, then serve until unmounted or signalled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from libvirtfs.drivers.connection import Connection
+from libvirtfs.drivers.events import Change, EventForwarder
+from libvirtfs.drivers.host import Host
+from libvirtfs.mount.options import MountOptions
+from libvirtfs.nodes.base import Context, Node
+from libvirtfs.nodes.hosts import HostDirectory, RootDirectory
+from libvirtfs.vfs.operations import Operations
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """Why the mount could not be brought up; one line for the user."""
+
+
+@dataclass
+class HostSpec:
+    name: str | None
+    uri: str | None
+
+
+def parse_host(text: str) -> HostSpec:
+    """`NAME=URI` or `URI`; a NAME has no `:` or `/`, so URIs with `=` in a query stay whole."""
+    name, sep, uri = text.partition("=")
+    if sep and name and not re.search(r"[:/]", name):
+        return HostSpec(name, uri or None)
+    return HostSpec(None, text or None)
+
+
+def _short_name(hostname: str, driver: str) -> str:
+    if driver.lower() == "test":
+        return "test"
+    return hostname.split(".")[0] or "host"
+
+
+async def connect_hosts(specs: list[HostSpec], options: MountOptions) -> dict[str, Host]:
+    hosts: dict[str, Host] = {}
+    for spec in specs:
+        connection = Connection(spec.uri, timeout=options.timeout, read_only=options.read_only)
+        host = Host(connection)
+        try:
+            await host.open()
+            name = spec.name or _short_name(await host.hostname(), await host.driver_type())
+        except OSError as e:
+            raise StartupError(f"cannot connect to {spec.uri or 'the default URI'}: "
+                               f"{e.strerror or e}") from None
+        if "/" in name or name in (".", ".."):
+            raise StartupError(f"host name {name!r} cannot be a folder name")
+        unique, n = name, 2
+        while unique in hosts:
+            unique, n = f"{name}-{n}", n + 1
+        hosts[unique] = host
+    return hosts
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.exists(path):
+        raise StartupError(f"mount point {path} does not exist")
+    if not os.path.isdir(path):
+        raise StartupError(f"mount point {path} is not a folder")
+    if os.path.ismount(path):
+        raise StartupError(f"mount point {path} is busy: something is mounted there already")
+
+
+class Mount:
+    """The tree, the FUSE operations and the event plumbing of one mount."""
+
+    def __init__(self, hosts: dict[str, Host], options: MountOptions) -> None:
+        self.hosts = hosts
+        self.ctx = Context(cache_timeout=options.cache_timeout, read_only=options.read_only,
+                           uid=os.getuid(), gid=os.getgid())
+        self.root = RootDirectory(self.ctx, hosts)
+        self.operations = Operations(self.root, self.ctx)
+        self._send, self._changes = trio.open_memory_channel[tuple[HostDirectory, Change]](1000)
+
+    async def host_directories(self) -> dict[str, HostDirectory]:
+        children = await self.root.hosts_directory.children()
+        return {name: node for name, node in children.items()
+                if isinstance(node, HostDirectory)}
+
+    async def watch_events(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+        """Apply libvirt's events to the tree and drop what the kernel cached of it."""
+        token = trio.lowlevel.current_trio_token()
+        for directory in (await self.host_directories()).values():
+            forwarder = EventForwarder(token, self._deliver_to(directory))
+            directory.host.connection.on_open(forwarder.register)
+            # Already open: register on the live connection now.
+            await directory.host.connection.call(forwarder.register)
+        task_status.started()
+        async for directory, change in self._changes:
+            touched = directory.apply(change)
+            await self.forget_kernel_cache(touched)
+
+    def _deliver_to(self, directory: HostDirectory) -> Callable[[Change], None]:
+        def deliver(change: Change) -> None:
+            try:
+                self._send.send_nowait((directory, change))
+            except trio.WouldBlock:
+                log.warning("event queue full; dropping %s", change)
+        return deliver
+
+    async def forget_kernel_cache(self, nodes: list[Node]) -> None:
+        for node in nodes:
+            if self.operations.inodes.known(node.id) is None:
+                continue
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.id, False)
+            except OSError as e:
+                log.debug("invalidate %s: %s", node.path, e)
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
+                ready: Callable[[], None]) -> None:
+    check_mountpoint(mountpoint)
+    hosts = await connect_hosts(specs, options)
+    mount = Mount(hosts, options)
+    try:
+        pyfuse3.init(mount.operations, mountpoint, options.fuse)
+    except RuntimeError as e:
+        raise StartupError(f"cannot mount at {mountpoint}: {e}") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mount.watch_events)
+            nursery.start_soon(_stop_on_signals)
+            ready()
+            log.info("mounted %s at %s", ", ".join(hosts), mountpoint)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        # After `fusermount3 -u` this unmount is a harmless no-op; after a signal it is
+        # what takes the mount down.  (Never stat the mount point here: nobody answers.)
+        pyfuse3.close(unmount=True)
+        for host in hosts.values():
+            await host.connection.close()
+        log.info("unmounted %s", mountpoint)

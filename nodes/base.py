@@ -1,0 +1,334 @@
+"""The node types the tree is made of; nothing here knows FUSE or libvirt.
+
+A node is a long-lived object with a permanent `id` (the vfs uses it as the inode number,
+so it is never reused).  Directories keep their children across listings, matched by an
+identity key (a UUID, a name), so an object keeps its node, and its inode, for its life.
+Errors are `OSError`s with an errno; the vfs passes them on to the kernel as they are.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import stat
+import time
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from libvirtfs.nodes.names import to_filename
+
+log = logging.getLogger(__name__)
+
+
+def fs_error(err: int, message: str) -> OSError:
+    """An error the vfs reports with errno `err`; `message` is for the user (user.error)."""
+    return OSError(err, message)
+
+
+@dataclass
+class Context:
+    """What every node of one mount shares."""
+
+    cache_timeout: float = 1.0
+    read_only: bool = False
+    uid: int = 0
+    gid: int = 0
+    # Called with a node whose content or listing changed without anybody asking (events),
+    # so the vfs can tell the kernel to drop what it cached.  No-op without a mount.
+    changed: Callable[[Node], None] = lambda node: None
+    _ids: Iterable[int] = field(default_factory=lambda: itertools.count(1))
+
+    def new_id(self) -> int:
+        return next(self._ids)  # type: ignore[call-overload]
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+
+class Node:
+    """Something with a name in the tree."""
+
+    file_type = 0  # stat.S_IFDIR, S_IFREG or S_IFLNK
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.id = ctx.new_id()
+        self.name = ""
+        self.parent: Directory | None = None
+        self.mtime = self.ctime = ctx.now()
+        self.last_error = ""
+
+    @property
+    def path(self) -> str:
+        """Path from the mount's root, for logs and messages."""
+        parts: list[str] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/" + "/".join(reversed(parts))
+
+    @property
+    def writable(self) -> bool:
+        return False
+
+    def permissions(self) -> int:
+        return 0o644 if self.writable else 0o444
+
+    def touch(self) -> None:
+        self.mtime = self.ctx.now()
+
+    def invalidate(self) -> None:
+        """Forget cached renderings, so the next read asks libvirt again."""
+
+    def walk_known(self) -> list[Node]:
+        """This node and every descendant created so far (no libvirt call)."""
+        return [self]
+
+    async def size(self) -> int:
+        return 0
+
+    # Extended attributes: `user.error` holds the last refused operation's message.
+    async def xattrs(self) -> dict[str, bytes]:
+        return {"user.error": self.last_error.encode()} if self.last_error else {}
+
+    async def set_xattr(self, name: str, value: bytes) -> None:
+        raise fs_error(errno.ENOTSUP, f"{name} cannot be set on {self.path}")
+
+    async def remove_xattr(self, name: str) -> None:
+        if name == "user.error" and self.last_error:
+            self.last_error = ""
+            return
+        raise fs_error(errno.ENODATA, f"{self.path} has no attribute {name}")
+
+    def record_error(self, error: OSError) -> None:
+        self.last_error = error.strerror or str(error)
+        log.warning("%s: %s", self.path, self.last_error)
+
+
+class File(Node):
+    """A regular file; its bytes come from `content()`."""
+
+    file_type = stat.S_IFREG
+
+    async def content(self) -> bytes:
+        raise NotImplementedError
+
+    async def size(self) -> int:
+        return len(await self.content())
+
+    # Writing.  `executes_writes` files act on each write() (control words); the others
+    # get the whole new text at close() or rename() through `commit`.
+    executes_writes = False
+
+    async def commit(self, data: bytes) -> None:
+        raise fs_error(errno.EACCES, f"{self.path} is read-only")
+
+    async def execute(self, data: bytes) -> None:
+        raise fs_error(errno.EACCES, f"{self.path} is read-only")
+
+    async def truncate(self, size: int) -> None:
+        """truncate(2) without an open handle."""
+        data = await self.content()
+        await self.commit(data[:size].ljust(size, b"\0"))
+
+
+class QueryFile(File):
+    """A file whose content is a rendering of what libvirt says now.
+
+    The rendering is kept for `cache_timeout` seconds, so the `stat` before a read and the
+    read itself agree (tar trusts st_size).  mtime moves only when the bytes change.
+    """
+
+    def __init__(self, ctx: Context, render: Callable[[], Awaitable[bytes | str]]) -> None:
+        super().__init__(ctx)
+        self._render = render
+        self._cached: bytes | None = None
+        self._fetched_at = 0.0
+        self._lock = trio.Lock()
+
+    def invalidate(self) -> None:
+        self._cached = None
+
+    def fresh(self) -> bool:
+        return (self._cached is not None
+                and self.ctx.now() - self._fetched_at < self.ctx.cache_timeout)
+
+    async def content(self) -> bytes:
+        if self.fresh():
+            return self._cached  # type: ignore[return-value]
+        async with self._lock:
+            if self.fresh():
+                return self._cached  # type: ignore[return-value]
+            data = await self._render()
+            if isinstance(data, str):
+                data = data.encode()
+            if self._cached is not None and data != self._cached:
+                self.touch()
+            self._cached, self._fetched_at = data, self.ctx.now()
+            return data
+
+
+class StaticFile(File):
+    """Fixed bytes (documentation, a URI)."""
+
+    def __init__(self, ctx: Context, data: bytes) -> None:
+        super().__init__(ctx)
+        self.data = data
+
+    async def content(self) -> bytes:
+        return self.data
+
+
+class Symlink(Node):
+    file_type = stat.S_IFLNK
+
+    def __init__(self, ctx: Context, target: str) -> None:
+        super().__init__(ctx)
+        self.target = target
+
+    def permissions(self) -> int:
+        return 0o777
+
+    async def size(self) -> int:
+        return len(self.target.encode())
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One child a directory's scan found: `key` is its identity across scans, `name` the
+    libvirt name (escaped into a file name by the directory), `make` builds a new node."""
+
+    key: Hashable
+    name: str
+    make: Callable[[], Node]
+
+
+class Directory(Node):
+    """A folder whose children come from `scan()`, kept `cache_timeout` seconds.
+
+    Children are matched by key between scans, so a node outlives listings.  `reserved`
+    names are escaped when an object uses them (see names.py).
+    """
+
+    file_type = stat.S_IFDIR
+    reserved: frozenset[str] = frozenset()
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self._by_key: dict[Hashable, Node] = {}
+        self._by_name: dict[str, Node] = {}
+        self._scanned_at: float | None = None
+        self._scan_lock = trio.Lock()
+
+    def permissions(self) -> int:
+        return 0o555
+
+    async def scan(self) -> list[Entry]:
+        raise NotImplementedError
+
+    def invalidate(self) -> None:
+        self._scanned_at = None
+
+    def known(self, key: Hashable) -> Node | None:
+        """The child with identity `key`, if a scan has seen it (no libvirt call)."""
+        return self._by_key.get(key)
+
+    def walk_known(self) -> list[Node]:
+        nodes: list[Node] = [self]
+        for child in self._by_name.values():
+            nodes.extend(child.walk_known())
+        return nodes
+
+    def fresh(self) -> bool:
+        return (self._scanned_at is not None
+                and self.ctx.now() - self._scanned_at < self.ctx.cache_timeout)
+
+    async def children(self, *, refresh: bool = False) -> dict[str, Node]:
+        """File name -> node, in a stable order (by node id)."""
+        if not refresh and self.fresh():
+            return self._by_name
+        async with self._scan_lock:
+            if not refresh and self.fresh():
+                return self._by_name
+            scanned_at = self.ctx.now()
+            entries = await self.scan()
+            self._adopt(entries)
+            self._scanned_at = scanned_at
+            return self._by_name
+
+    def _adopt(self, entries: list[Entry]) -> None:
+        by_key: dict[Hashable, Node] = {}
+        by_name: dict[str, Node] = {}
+        for entry in entries:
+            node = self._by_key.get(entry.key)
+            if node is None:
+                node = entry.make()
+            node.parent = self
+            node.name = to_filename(entry.name, self.reserved)
+            by_key[entry.key] = node
+            by_name[node.name] = node
+        extra = self.extra_children()
+        by_name.update(extra)
+        if by_name.keys() != self._by_name.keys():
+            self.touch()
+        self._by_key = by_key
+        self._by_name = dict(sorted(by_name.items(), key=lambda item: item[1].id))
+
+    def extra_children(self) -> dict[str, Node]:
+        """Children that do not come from a scan (scratch files, pending folders)."""
+        return {}
+
+    # Changing the folder; each refuses unless a subclass allows it.
+    async def create(self, name: str) -> File:
+        raise fs_error(errno.EACCES, f"files cannot be created in {self.path}")
+
+    async def mkdir(self, name: str) -> Directory:
+        raise fs_error(errno.EACCES, f"folders cannot be created in {self.path}")
+
+    async def remove(self, name: str, *, directory: bool) -> None:
+        raise fs_error(errno.EPERM, f"{self.path}/{name} cannot be removed")
+
+    async def rename(self, name: str, target: Directory, new_name: str, *,
+                     replace: bool = True) -> None:
+        raise fs_error(errno.EPERM, f"{self.path}/{name} cannot be renamed")
+
+    async def lookup(self, name: str) -> Node:
+        children = await self.children()
+        node = children.get(name)
+        if node is None and self._scanned_at is not None:
+            # Something may have appeared since the last scan (virsh define, mkdir).
+            children = await self.children(refresh=True)
+            node = children.get(name)
+        if node is None:
+            raise fs_error(errno.ENOENT, f"{self.path}/{name} does not exist")
+        return node
+
+
+class StaticDirectory(Directory):
+    """A folder with a fixed set of children, built once."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self._built = False
+
+    def build(self) -> dict[str, Node]:
+        raise NotImplementedError
+
+    async def children(self, *, refresh: bool = False) -> dict[str, Node]:
+        if not self._built:
+            for name, node in self.build().items():
+                node.parent, node.name = self, name
+                self._by_name[name] = node
+            self._built = True
+        return self._by_name
+
+    async def lookup(self, name: str) -> Node:
+        node = (await self.children()).get(name)
+        if node is None:
+            raise fs_error(errno.ENOENT, f"{self.path}/{name} does not exist")
+        return node

@@ -1,0 +1,376 @@
+"""pyfuse3 operations over a tree of nodes.
+
+Every handler goes through `_fuse_errors`: an `OSError` from below becomes its errno
+(pyfuse3 only understands FUSEError, and anything else would end the mount), anything
+unexpected is logged with its traceback and becomes EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from libvirtfs.nodes.base import Context, Directory, File, Node, Symlink, fs_error
+from libvirtfs.vfs.handles import Handle, HandleTable
+from libvirtfs.vfs.inodes import InodeTable
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Readdir offsets are node ids shifted past 0, 1 and 2, which some layers treat specially.
+_OFFSET_BASE = 3
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+
+
+def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", fn.__name__, args[1:])
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError as e:
+            log.debug("%s -> errno %d", fn.__name__, e.errno)
+            raise
+        except OSError as e:
+            log.debug("%s -> %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+class Operations(pyfuse3.Operations):
+    """The FUSE side of a mount: inodes, handles, attributes, xattrs, errno."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # the kernel must not acknowledge writes we never saw
+    enable_acl = False
+
+    def __init__(self, root: Directory, ctx: Context) -> None:
+        super().__init__()
+        if root.id != pyfuse3.ROOT_INODE:
+            raise ValueError("the root node must be the first node made")
+        self.root = root
+        self.ctx = ctx
+        self.inodes: InodeTable[Node] = InodeTable(root)
+        self.handles = HandleTable()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _check_writable_mount(self) -> None:
+        if self.ctx.read_only:
+            raise fs_error(errno.EROFS, "the filesystem is mounted read-only")
+
+    def _directory(self, inode: int) -> Directory:
+        node = self.inodes.get(inode)
+        if not isinstance(node, Directory):
+            raise fs_error(errno.ENOTDIR, f"{node.path} is not a folder")
+        return node
+
+    async def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.id
+        attrs.generation = 0
+        attrs.entry_timeout = self.ctx.cache_timeout
+        attrs.attr_timeout = self.ctx.cache_timeout
+        permissions = node.permissions()
+        if self.ctx.read_only and not isinstance(node, Symlink):
+            permissions &= ~0o222
+        attrs.st_mode = node.file_type | permissions
+        # 1 means "count unknown" to find(1), which then never skips subfolders.
+        attrs.st_nlink = 1
+        attrs.st_uid = self.ctx.uid
+        attrs.st_gid = self.ctx.gid
+        try:
+            size = await node.size()
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise
+            # The object is there but this file cannot be rendered (unsupported by the
+            # hypervisor, denied, timed out): list it anyway; reading it gives the error.
+            log.debug("size of %s: %s", node.path, e)
+            size = 0
+        attrs.st_size = size
+        attrs.st_blksize = 4096
+        attrs.st_blocks = (size + 511) // 512
+        mtime_ns = int(node.mtime * 1e9)
+        attrs.st_atime_ns = mtime_ns
+        attrs.st_mtime_ns = mtime_ns
+        attrs.st_ctime_ns = max(mtime_ns, int(node.ctime * 1e9))
+        return attrs
+
+    async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = await self.attributes(node)
+        self.inodes.remember(node)
+        return attrs
+
+    # -- lookups and attributes --------------------------------------------------------
+
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        parent = self._directory(parent_inode)
+        if name == b".":
+            node: Node = parent
+        elif name == b"..":
+            node = parent.parent or parent
+        else:
+            node = await parent.lookup(_name(name))
+        return await self._entry(node)
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return await self.attributes(self.inodes.get(inode))
+
+    @_fuse_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
+                      ctx: Any) -> Any:
+        node = self.inodes.get(inode)
+        if fields.update_size:
+            self._check_writable_mount()
+            if not isinstance(node, File):
+                raise fs_error(errno.EISDIR, f"{node.path} is a folder")
+            if fh is not None:
+                self.handles.get(fh).truncate(attr.st_size)
+            else:
+                try:
+                    await node.truncate(attr.st_size)
+                except OSError as e:
+                    node.record_error(e)
+                    raise
+        # chmod, chown and utimensat are accepted and have no effect: tools that copy
+        # metadata (sed -i, cp -p, Ansible) must not fail on a file whose mode we own.
+        return await self.attributes(node)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        node = self.inodes.get(inode)
+        if not isinstance(node, Symlink):
+            raise fs_error(errno.EINVAL, f"{node.path} is not a symbolic link")
+        return os.fsencode(node.target)
+
+    @_fuse_errors
+    async def statfs(self, ctx: Any = None) -> Any:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_blocks = st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self.inodes)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
+    # -- folders -----------------------------------------------------------------------
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        self._directory(inode)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        directory = self._directory(fh)
+        children = await directory.children()
+        for name, node in children.items():
+            offset = node.id + _OFFSET_BASE
+            if offset <= start_id:
+                continue
+            try:
+                attrs = await self.attributes(node)
+            except OSError as e:
+                # One object that cannot be read (gone, unsupported) must not break `ls`.
+                log.debug("readdir %s/%s: %s", directory.path, name, e)
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, offset):
+                return
+            self.inodes.remember(node)
+
+    @_fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        self._check_writable_mount()
+        parent = self._directory(parent_inode)
+        try:
+            node = await parent.mkdir(_name(name))
+        except OSError as e:
+            parent.record_error(e)
+            raise
+        return await self._entry(node)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._remove(parent_inode, name, directory=True)
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._remove(parent_inode, name, directory=False)
+
+    async def _remove(self, parent_inode: int, name: bytes, *, directory: bool) -> None:
+        self._check_writable_mount()
+        parent = self._directory(parent_inode)
+        try:
+            await parent.remove(_name(name), directory=directory)
+        except OSError as e:
+            parent.record_error(e)
+            raise
+
+    @_fuse_errors
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self._check_writable_mount()
+        source = self._directory(parent_old)
+        target = self._directory(parent_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise fs_error(errno.EINVAL, "exchanging names is not supported")
+        try:
+            await source.rename(_name(name_old), target, _name(name_new),
+                                replace=not flags & pyfuse3.RENAME_NOREPLACE)
+        except OSError as e:
+            target.record_error(e)
+            raise
+
+    @_fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        self._check_writable_mount()
+        raise fs_error(errno.EPERM, "symbolic links cannot be made here")
+
+    @_fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        self._check_writable_mount()
+        raise fs_error(errno.EPERM, "hard links cannot be made here")
+
+    @_fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> Any:
+        self._check_writable_mount()
+        if not stat.S_ISREG(mode):
+            raise fs_error(errno.EPERM, "only regular files can be made here")
+        parent = self._directory(parent_inode)
+        return await self._entry(await parent.create(_name(name)))
+
+    # -- files -------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        node = self.inodes.get(inode)
+        if not isinstance(node, File):
+            raise fs_error(errno.EISDIR, f"{node.path} is a folder")
+        writing = bool(flags & _WRITE_FLAGS)
+        if writing:
+            self._check_writable_mount()
+            if not node.writable:
+                raise fs_error(errno.EACCES, f"{node.path} is read-only")
+        if writing and (flags & os.O_TRUNC or node.executes_writes):
+            data = b""
+        else:
+            data = await node.content()
+        handle = Handle(node, bytearray(data), writing=writing,
+                        dirty=writing and bool(flags & os.O_TRUNC) and not node.executes_writes)
+        return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
+
+    @_fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> Any:
+        self._check_writable_mount()
+        parent = self._directory(parent_inode)
+        try:
+            node = await parent.create(_name(name))
+        except OSError as e:
+            parent.record_error(e)
+            raise
+        attrs = await self._entry(node)
+        handle = Handle(node, bytearray(), writing=True)
+        info = pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
+        return info, attrs
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.handles.get(fh).read(off, size)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles.get(fh)
+        node = handle.node
+        if node.executes_writes:
+            try:
+                await node.execute(buf)
+            except OSError as e:
+                node.record_error(e)
+                raise
+            return len(buf)
+        return handle.write(off, buf)
+
+    @_fuse_errors
+    async def flush(self, fh: int) -> None:
+        handle = self.handles.get(fh)
+        if not handle.dirty:
+            return
+        handle.dirty = False
+        try:
+            await handle.node.commit(bytes(handle.data))
+        except OSError as e:
+            handle.node.record_error(e)
+            raise
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        self.handles.pop(fh)
+
+    # -- extended attributes -----------------------------------------------------------
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        values = await self.inodes.get(inode).xattrs()
+        try:
+            return values[_name(name)]
+        except KeyError:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return [os.fsencode(name) for name in await self.inodes.get(inode).xattrs()]
+
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
+        self._check_writable_mount()
+        node = self.inodes.get(inode)
+        try:
+            await node.set_xattr(_name(name), value)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                node.record_error(e)
+            raise
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
+        self._check_writable_mount()
+        try:
+            await self.inodes.get(inode).remove_xattr(_name(name))
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
