@@ -116,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(serve, specs, os.path.abspath(mountpoint), options, ready)
     except StartupError as e:
-        log.error("%s", e)
         if ready_pipe is not None and not ready_pipe.closed:
+            log.error("%s", e)
             ready_pipe.write(f"{e}\n".encode())
             ready_pipe.close()
         else:
+            if args.log_file:
+                log.error("%s", e)
             print(f"libvirtfs: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -223,6 +223,7 @@ class Directory(Node):
         self._by_key: dict[Hashable, Node] = {}
         self._by_name: dict[str, Node] = {}
         self._scanned_at: float | None = None
+        self._ever_scanned = False
         self._scan_lock = trio.Lock()
 
     def permissions(self) -> int:
@@ -274,8 +275,9 @@ class Directory(Node):
             by_name[node.name] = node
         extra = self.extra_children()
         by_name.update(extra)
-        if by_name.keys() != self._by_name.keys():
+        if self._ever_scanned and by_name.keys() != self._by_name.keys():
             self.touch()
+        self._ever_scanned = True
         self._by_key = by_key
         self._by_name = dict(sorted(by_name.items(), key=lambda item: item[1].id))
 

@@ -1,0 +1,145 @@
+"""Fixtures: real libvirtfs mounts in a separate process, driven by real tools.
+
+A mount runs `libvirtfs -f` as a subprocess (the test process must never touch a mount
+served by its own thread).  Teardown unmounts with `fusermount3 -u`, requires exit status 0,
+and fails the test if the filesystem logged a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def run(*command: str | os.PathLike, check: bool = True, cwd: str | os.PathLike | None = None,
+        input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a shell tool the way a user would; returns its completed process."""
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True,
+                          check=check, cwd=cwd, input=input, timeout=timeout)
+
+
+def sh(script: str, *, check: bool = True, cwd: str | os.PathLike | None = None,
+       timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a line of shell, as typed at a prompt."""
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=check,
+                          cwd=cwd, timeout=timeout)
+
+
+class Mounted:
+    """One running libvirtfs process and its mount point."""
+
+    def __init__(self, mountpoint: Path, process: subprocess.Popen, log: Path) -> None:
+        self.path = mountpoint
+        self.process = process
+        self.log_path = log
+
+    def host(self, name: str = "test") -> Path:
+        return self.path / "hosts" / name
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def unmount(self) -> int:
+        if os.path.ismount(self.path):
+            result = run("fusermount3", "-u", self.path, check=False)
+            if result.returncode:
+                print(f"fusermount3 -u {self.path}: {result.stderr}")
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            print(run("py-spy", "dump", "--pid", str(self.process.pid), check=False).stdout)
+            self.process.kill()
+            run("fusermount3", "-u", "-z", self.path, check=False)
+            return self.process.wait(timeout=5)
+
+
+def start_mount(mountpoint: Path, *targets: str, options: str = "", log: Path,
+                extra: tuple[str, ...] = ()) -> Mounted:
+    mountpoint.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "libvirtfs.mount.cli", "-f", "--debug", *extra,
+               *targets, str(mountpoint)]
+    if options:
+        command += ["-o", options]
+    logfile = open(log, "wb")  # noqa: SIM115 - the child writes it for its whole life
+    process = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
+    logfile.close()
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mountpoint):
+        if process.poll() is not None:
+            raise RuntimeError(f"libvirtfs exited with {process.returncode}:\n"
+                               + log.read_text(errors="replace"))
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("libvirtfs did not mount within 30 s:\n" + log.read_text())
+        time.sleep(0.05)
+    return Mounted(mountpoint, process, log)
+
+
+def check_clean_exit(mounted: Mounted) -> None:
+    status = mounted.unmount()
+    text = mounted.log()
+    assert status == 0, f"libvirtfs exited with status {status}:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-5000:]
+    assert "unexpected error" not in text, text[-5000:]
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator:
+    """mount_factory(*targets, options='') -> Mounted; all are unmounted and checked after."""
+    mounts: list[Mounted] = []
+
+    def factory(*targets: str, options: str = "", name: str = "mnt",
+                extra: tuple[str, ...] = ()) -> Mounted:
+        mounted = start_mount(tmp_path / name, *targets, options=options,
+                              log=tmp_path / f"{name}.log", extra=extra)
+        mounts.append(mounted)
+        return mounted
+
+    yield factory
+    for mounted in mounts:
+        check_clean_exit(mounted)
+
+
+@pytest.fixture
+def demo(mount_factory) -> Mounted:
+    """test:///default mounted at a fresh folder: one running domain `test`."""
+    return mount_factory("test:///default")
+
+
+@pytest.fixture(scope="session")
+def big_host_xml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test:/// host with 1,000 domains, and a few with names that need escaping."""
+    path = tmp_path_factory.mktemp("fixtures") / "big-host.xml"
+    domains = [f"vm-{i:04d}" for i in range(1000)] + [".", "..", "per%cent", "tab\tname"]
+    parts = ["<node>",
+             "<cpu><mhz>2000</mhz><model>i686</model><active>4</active><nodes>1</nodes>"
+             "<sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>",
+             "<memory>8388608</memory>"]
+    for name in domains:
+        escaped = name.replace("&", "&amp;").replace("<", "&lt;").replace("\t", "&#9;")
+        parts.append(f"<domain type='test'><name>{escaped}</name><memory>65536</memory>"
+                     f"<vcpu>1</vcpu><os><type>hvm</type></os></domain>")
+    parts.append("</node>")
+    path.write_text("\n".join(parts))
+    return path
+
+
+@pytest.fixture
+def big(mount_factory, big_host_xml: Path) -> Mounted:
+    return mount_factory(f"big=test://{big_host_xml}")
+
+
+def stop_signal(mounted: Mounted, signum: int = signal.SIGTERM) -> int:
+    mounted.process.send_signal(signum)
+    return mounted.process.wait(timeout=15)

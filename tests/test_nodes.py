@@ -1,0 +1,111 @@
+"""The tree without a mount: nodes over libvirt's test driver, in this process."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+
+from libvirtfs.drivers.connection import Connection
+from libvirtfs.drivers.errors import DriverError
+from libvirtfs.drivers.host import Host
+from libvirtfs.nodes.base import Context, Directory, File, QueryFile
+from libvirtfs.nodes.hosts import HostDirectory, RootDirectory
+from libvirtfs.nodes.names import from_filename, to_filename
+
+
+@pytest.fixture
+def testhost(tmp_path) -> Host:
+    # A host of our own (a file-backed test:/// URI), so tests do not share state.
+    xml = tmp_path / "host.xml"
+    xml.write_text("<node><domain type='test'><name>alpha</name><memory>65536</memory>"
+                   "<os><type>hvm</type></os></domain></node>")
+    return Host(Connection(f"test://{xml}", timeout=5))
+
+
+async def walk(node: Directory, path: str) -> object:
+    for part in filter(None, path.split("/")):
+        node = await node.lookup(part)  # type: ignore[assignment]
+    return node
+
+
+async def test_tree_paths(testhost: Host) -> None:
+    ctx = Context()
+    root = RootDirectory(ctx, {"lab": testhost})
+    assert root.id == 1
+    state = await walk(root, "hosts/lab/domains/alpha/state")
+    assert isinstance(state, File)
+    assert await state.content() == b"running\n"
+    assert state.path == "/hosts/lab/domains/alpha/state"
+    names = set(await (await walk(root, "hosts/lab")).children())
+    assert names == {"uri", "info", "capabilities.xml", "domains", "pools", "networks"}
+
+
+async def test_state_mtime_moves_only_when_the_state_changes(testhost: Host) -> None:
+    now = [1_800_000_000.0]
+    ctx = Context(cache_timeout=1.0)
+    ctx.now = lambda: now[0]  # type: ignore[method-assign]
+    host_dir = HostDirectory(ctx, testhost)
+    state = await walk(host_dir, "domains/alpha/state")
+    assert isinstance(state, QueryFile)
+    assert await state.content() == b"running\n"
+    created = state.mtime
+
+    now[0] += 5
+    assert await state.content() == b"running\n"
+    assert state.mtime == created
+
+    # A file-backed test:/// host is private to its connection: suspend through ours.
+    await testhost.connection.call(lambda conn: conn.lookupByName("alpha").suspend())
+    assert await state.content() == b"running\n"  # still cached
+    now[0] += 5
+    assert await state.content() == b"paused\n"
+    assert state.mtime == now[0]
+
+
+async def test_nodes_keep_identity_across_rescans_and_renames(testhost: Host) -> None:
+    ctx = Context(cache_timeout=0)
+    domains = await walk(HostDirectory(ctx, testhost), "domains")
+    alpha = await domains.lookup("alpha")
+    await testhost.connection.call(lambda conn: conn.lookupByName("alpha").destroy())
+    await testhost.connection.call(lambda conn: conn.lookupByName("alpha").rename("beta", 0))
+    beta = await domains.lookup("beta")
+    assert beta is alpha and beta.id == alpha.id
+    with pytest.raises(OSError) as caught:
+        await domains.lookup("alpha")
+    assert caught.value.errno == errno.ENOENT
+
+
+async def test_gone_object_gives_enoent(testhost: Host) -> None:
+    ctx = Context(cache_timeout=0)
+    state = await walk(HostDirectory(ctx, testhost), "domains/alpha/state")
+    await testhost.connection.call(lambda conn: conn.lookupByName("alpha").destroy())
+    await testhost.connection.call(lambda conn: conn.lookupByName("alpha").undefine())
+    with pytest.raises(DriverError) as caught:
+        await state.content()
+    assert caught.value.errno == errno.ENOENT
+    assert "not found" in caught.value.strerror
+
+
+async def test_slow_call_times_out(testhost: Host) -> None:
+    testhost.connection.timeout = 0.2
+    with pytest.raises(DriverError) as caught:
+        await testhost.connection.call(lambda conn: __import__("time").sleep(2))
+    assert caught.value.errno == errno.ETIMEDOUT
+    # The abandoned call holds one of the host's worker slots, not the trio loop.
+    with trio.fail_after(1):
+        assert await testhost.uri()
+
+
+@pytest.mark.parametrize("name", ["a/b", ".", "..", "%2F", "x\x00y", "é/ü", "a%b", "plain"])
+def test_names_escape_reversibly(name: str) -> None:
+    filename = to_filename(name)
+    assert "/" not in filename and "\x00" not in filename
+    assert filename not in (".", "..")
+    assert from_filename(filename) == name
+
+
+def test_reserved_names_are_escaped() -> None:
+    assert to_filename("current", frozenset({"current"})) == "%63urrent"
+    assert from_filename("%63urrent") == "current"
