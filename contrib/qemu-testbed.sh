@@ -21,7 +21,7 @@ STATE_DIR="${LIBVIRTFS_TESTBED_STATE:-/var/lib/libvirtfs-testbed}"
 RUN_DIR="/run/libvirtfs-testbed"        # markers: which daemons *we* started
 SECOND_DIR="$STATE_DIR/second"          # private state of the second daemon
 SECOND_PIDFILE="$RUN_DIR/libvirtd-second.pid"
-SECOND_LOG="$SECOND_DIR/libvirtd.log"
+SECOND_LOG="$SECOND_DIR/log/libvirtd.log"   # its /var/log/libvirt/libvirtd.log
 PRIMARY_LOG="$STATE_DIR/libvirtd.log"
 VIRTLOGD_PIDFILE="$RUN_DIR/virtlogd.pid"
 LIBVIRTD_PIDFILE="$RUN_DIR/libvirtd.pid"
@@ -213,7 +213,7 @@ prepare_second() {
     local d=$SECOND_DIR
     mkdir -p "$d/run" "$d/lib/images" "$d/log" "$d/etc" "$d/cache"
     # Fresh copy of the configuration, without the primary's guests/networks/pools.
-    rm -rf "$d/etc"
+    rm -rf "${d:?}/etc"
     cp -a /etc/libvirt "$d/etc"
     rm -rf "$d/etc/qemu" "$d/etc/storage" "$d/etc/nwfilter" "$d/etc/secrets"
     find "$d/etc" -maxdepth 1 -name '*.xml' -delete
@@ -244,6 +244,7 @@ cmd_start_second() {
         # A private mount + UTS namespace: own hostname and own /run/libvirt,
         # /var/lib/libvirt, /etc/libvirt, /var/log/libvirt, /var/cache/libvirt.
         # libvirtd -d daemonises; the namespace lives on with it.
+        # shellcheck disable=SC2016  # $1..$3 expand inside the namespace
         unshare --mount --uts --propagation private --fork -- /bin/sh -ec '
             hostname "$1"
             mkdir -p /var/cache/libvirt
@@ -254,9 +255,9 @@ cmd_start_second() {
             mount --bind "$2/cache" /var/cache/libvirt
             exec libvirtd -d -l -f /etc/libvirt/libvirtd.conf -p "$3"
         ' second "$SECOND_HOSTNAME" "$d" "$SECOND_PIDFILE" </dev/null \
-            || die "second libvirtd failed to start; see $d/log/libvirtd.log"
+            || die "second libvirtd failed to start; see $SECOND_LOG"
     fi
-    wait_answer "$SECOND_URI" "$SECOND_PIDFILE" libvirtd "$SECOND_DIR/log/libvirtd.log"
+    wait_answer "$SECOND_URI" "$SECOND_PIDFILE" libvirtd "$SECOND_LOG"
     echo "$SECOND_URI"
 }
 
@@ -286,8 +287,9 @@ stop_guests_under() {
     for f in "$dir"/*.pid; do
         [[ -s $f ]] || continue
         pid=$(<"$f")
-        [[ $pid =~ ^[0-9]+$ ]] && live_proc "$pid" qemu-system-x86 || continue
-        kill -TERM "$pid" 2>/dev/null || true
+        if [[ $pid =~ ^[0-9]+$ ]] && live_proc "$pid" qemu-system-x86; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
     done
 }
 

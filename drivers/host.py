@@ -9,13 +9,16 @@ works; what a hypervisor lacks surfaces as DriverError(EOPNOTSUPP) for that call
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import libvirt
 from lxml import etree
 
+from libvirtfs.drivers import memo
 from libvirtfs.drivers.connection import Connection
+from libvirtfs.drivers.control import CONTROL_WORDS, remove_object, rename_object
+from libvirtfs.drivers.definitions import KINDS, Definitions, Key
 from libvirtfs.drivers.states import (
     domain_reason_word,
     domain_state_word,
@@ -43,17 +46,6 @@ def _snapshot(conn: libvirt.virConnect, uuid: str, name: str) -> libvirt.virDoma
     return _domain(conn, uuid).snapshotLookupByName(name, 0)
 
 
-def _definition(xml_desc: Callable[[int], str], inactive_flag: int) -> str:
-    """The persistent definition; drivers that lack the INACTIVE flag (the test driver for
-    pools and networks) have only one definition to give."""
-    try:
-        return xml_desc(inactive_flag)
-    except libvirt.libvirtError as e:
-        if e.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
-            raise
-        return xml_desc(0)
-
-
 def _safe_parser() -> etree.XMLParser:
     return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                            huge_tree=False)
@@ -62,8 +54,9 @@ def _safe_parser() -> etree.XMLParser:
 class Host:
     """One hypervisor host reached through one libvirt URI."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, state_dir: Path | None = None) -> None:
         self.connection = connection
+        self.definitions = Definitions(memo.LocalStore(state_dir or memo.default_state_dir()))
 
     async def open(self) -> None:
         """Connect now, so that a bad URI or an unreachable host fails at mount time."""
@@ -145,9 +138,10 @@ class Host:
             }
         return await self.connection.call(fetch)
 
-    async def domain_xml(self, uuid: str, *, inactive: bool) -> str:
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        return await self.connection.call(lambda conn: _domain(conn, uuid).XMLDesc(flags))
+    async def domain_live_xml(self, uuid: str) -> str:
+        """What libvirt reports now, without libvirtfs's own metadata."""
+        return await self.connection.call(
+            lambda conn: memo.strip(_domain(conn, uuid).XMLDesc(0))[0])
 
     async def domain_autostart(self, uuid: str) -> bool:
         return await self.connection.call(lambda conn: bool(_domain(conn, uuid).autostart()))
@@ -226,14 +220,6 @@ class Host:
             }
         return await self.connection.call(fetch)
 
-    async def pool_xml(self, uuid: str, *, inactive: bool) -> str:
-        def fetch(conn: libvirt.virConnect) -> str:
-            pool = _pool(conn, uuid)
-            if not inactive:
-                return pool.XMLDesc(0)
-            return _definition(pool.XMLDesc, libvirt.VIR_STORAGE_XML_INACTIVE)
-        return await self.connection.call(fetch)
-
     async def pool_autostart(self, uuid: str) -> bool:
         return await self.connection.call(lambda conn: bool(_pool(conn, uuid).autostart()))
 
@@ -244,10 +230,6 @@ class Host:
                 return []  # an inactive pool has no volume list to give
             return [v.name() for v in pool.listAllVolumes(0)]
         return await self.connection.call(fetch)
-
-    async def volume_xml(self, pool_uuid: str, name: str) -> str:
-        return await self.connection.call(
-            lambda conn: _pool(conn, pool_uuid).storageVolLookupByName(name).XMLDesc(0))
 
     async def volume_path(self, pool_uuid: str, name: str) -> str:
         return await self.connection.call(
@@ -294,13 +276,40 @@ class Host:
             }
         return await self.connection.call(fetch)
 
-    async def network_xml(self, uuid: str, *, inactive: bool) -> str:
-        def fetch(conn: libvirt.virConnect) -> str:
-            net = _network(conn, uuid)
-            if not inactive:
-                return net.XMLDesc(0)
-            return _definition(net.XMLDesc, libvirt.VIR_NETWORK_XML_INACTIVE)
-        return await self.connection.call(fetch)
-
     async def network_autostart(self, uuid: str) -> bool:
         return await self.connection.call(lambda conn: bool(_network(conn, uuid).autostart()))
+
+    # -- definitions and actions (any kind: domain, network, pool, volume) -------------
+
+    async def definition(self, kind: str, key: Key) -> bytes:
+        """What `xml` shows: the bytes last written, or libvirt's persistent definition."""
+        return await self.connection.call(self.definitions.show, kind, key)
+
+    async def define(self, kind: str, key: Key | None, name: str | None, data: bytes, *,
+                     parent: Key | None = None) -> Key:
+        return await self.connection.call(
+            lambda conn: self.definitions.define(conn, kind, key, name, data, parent=parent))
+
+    @staticmethod
+    def control_words(kind: str) -> list[str]:
+        """Every control word `kind` knows, in the order docs/writing.md lists them."""
+        return list(CONTROL_WORDS[kind])
+
+    async def control(self, kind: str, key: Key, word: str) -> None:
+        """Carry out one control word; the caller has checked that it exists."""
+        action = CONTROL_WORDS[kind][word]
+        await self.connection.call(action, key)
+
+    async def set_autostart(self, kind: str, key: Key, value: bool) -> None:
+        def apply(conn: libvirt.virConnect) -> None:
+            KINDS[kind].lookup(conn, key).setAutostart(int(value))
+        await self.connection.call(apply)
+
+    async def remove(self, kind: str, key: Key) -> None:
+        def apply(conn: libvirt.virConnect) -> None:
+            remove_object(conn, kind, key)
+            self.definitions.forget(conn, kind, key)
+        await self.connection.call(apply)
+
+    async def rename(self, kind: str, key: Key, new_name: str) -> None:
+        await self.connection.call(rename_object, kind, key, new_name)

@@ -51,3 +51,16 @@ def volume_type_word(kind: int) -> str:
 def version_string(number: int) -> str:
     """libvirt packs versions as major * 1,000,000 + minor * 1,000 + release."""
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+# Which domain words make sense in which state, for reading `control`.
+DOMAIN_WORDS_BY_STATE: dict[str, list[str]] = {
+    "shutoff": ["start", "start-paused"],
+    "running": ["shutdown", "reboot", "reset", "destroy", "suspend", "managed-save"],
+    "blocked": ["shutdown", "reboot", "reset", "destroy", "suspend", "managed-save"],
+    "paused": ["resume", "reset", "destroy", "managed-save"],
+    "shutdown": ["destroy"],
+    "crashed": ["destroy"],
+    "pmsuspended": ["destroy"],
+    "nostate": ["destroy"],
+}

@@ -85,6 +85,10 @@ class Node:
     def invalidate(self) -> None:
         """Forget cached renderings, so the next read asks libvirt again."""
 
+    def resolve(self) -> Node:
+        """The node that operations on this one reach (see ScratchFile.replaced)."""
+        return self
+
     def walk_known(self) -> list[Node]:
         """This node and every descendant created so far (no libvirt call)."""
         return [self]
@@ -97,6 +101,8 @@ class Node:
         return {"user.error": self.last_error.encode()} if self.last_error else {}
 
     async def set_xattr(self, name: str, value: bytes) -> None:
+        if name.startswith("system.posix_acl_"):
+            return  # tools copy ACLs onto what they write; the tree has none to keep
         raise fs_error(errno.ENOTSUP, f"{name} cannot be set on {self.path}")
 
     async def remove_xattr(self, name: str) -> None:
@@ -124,6 +130,8 @@ class File(Node):
     # Writing.  `executes_writes` files act on each write() (control words); the others
     # get the whole new text at close() or rename() through `commit`.
     executes_writes = False
+    max_size: int | None = None
+    holds_bytes = False  # its content is plain bytes kept here (scratch), not a rendering
 
     async def commit(self, data: bytes) -> None:
         raise fs_error(errno.EACCES, f"{self.path} is read-only")
@@ -251,16 +259,17 @@ class Directory(Node):
 
     async def children(self, *, refresh: bool = False) -> dict[str, Node]:
         """File name -> node, in a stable order (by node id)."""
-        if not refresh and self.fresh():
+        if refresh or not self.fresh():
+            async with self._scan_lock:
+                if refresh or not self.fresh():
+                    scanned_at = self.ctx.now()
+                    self._adopt(await self.scan())
+                    self._scanned_at = scanned_at
+        extra = self.extra_children()
+        if not extra:
             return self._by_name
-        async with self._scan_lock:
-            if not refresh and self.fresh():
-                return self._by_name
-            scanned_at = self.ctx.now()
-            entries = await self.scan()
-            self._adopt(entries)
-            self._scanned_at = scanned_at
-            return self._by_name
+        merged = {**self._by_name, **extra}
+        return dict(sorted(merged.items(), key=lambda item: item[1].id))
 
     def _adopt(self, entries: list[Entry]) -> None:
         by_key: dict[Hashable, Node] = {}
@@ -273,8 +282,6 @@ class Directory(Node):
             node.name = to_filename(entry.name, self.reserved)
             by_key[entry.key] = node
             by_name[node.name] = node
-        extra = self.extra_children()
-        by_name.update(extra)
         if self._ever_scanned and by_name.keys() != self._by_name.keys():
             self.touch()
         self._ever_scanned = True

@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import errno
+import math
 
-from libvirtfs.nodes.base import Context, Directory, Entry, Node, QueryFile, StaticDirectory
-from libvirtfs.nodes.render import flag, key_values, word
+import trio
+
+from libvirtfs.drivers.states import DOMAIN_STATES, DOMAIN_WORDS_BY_STATE
+from libvirtfs.nodes.base import Entry, QueryFile, fs_error
+from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
+from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
+from libvirtfs.nodes.writable import ControlFile, DefinitionFile, FlagFile
 
-if TYPE_CHECKING:
-    from libvirtfs.drivers.host import Host
-
-
-class DomainsDirectory(Directory):
-    def __init__(self, ctx: Context, host: Host) -> None:
-        super().__init__(ctx)
-        self.host = host
-
-    async def scan(self) -> list[Entry]:
-        return [Entry(uuid, name, lambda uuid=uuid: DomainDirectory(self.ctx, self.host, uuid))
-                for uuid, name in await self.host.list_domains()]
+DEFAULT_WAIT_SECONDS = 60.0
+WAIT_POLL_SECONDS = 0.1
 
 
-class DomainDirectory(StaticDirectory):
-    def __init__(self, ctx: Context, host: Host, uuid: str) -> None:
-        super().__init__(ctx)
-        self.host = host
-        self.uuid = uuid
+class DomainsDirectory(CollectionDirectory):
+    kind = "domain"
 
-    def build(self) -> dict[str, Node]:
-        host, uuid, ctx = self.host, self.uuid, self.ctx
+    async def listing(self) -> list[tuple[str, str]]:
+        return await self.host.list_domains()
+
+    def make(self, key: str | None) -> ObjectDirectory:
+        return DomainDirectory(self.ctx, self.host, key)
+
+
+class DomainDirectory(ObjectDirectory):
+    kind = "domain"
+
+    def served(self) -> list[Entry]:
+        host, ctx = self.host, self.ctx
+        uuid = self.key
+        assert uuid is not None
 
         async def state() -> bytes:
             return word((await host.domain_state(uuid))[0])
@@ -37,20 +42,56 @@ class DomainDirectory(StaticDirectory):
         async def info() -> bytes:
             return key_values(await host.domain_info(uuid))
 
-        async def xml() -> str:
-            return await host.domain_xml(uuid, inactive=True)
-
         async def live_xml() -> str:
-            return await host.domain_xml(uuid, inactive=False)
+            return await host.domain_live_xml(uuid)
 
-        async def autostart() -> bytes:
-            return flag(await host.domain_autostart(uuid))
+        async def autostart() -> bool:
+            return await host.domain_autostart(uuid)
 
-        return {
-            "state": QueryFile(ctx, state),
-            "info": QueryFile(ctx, info),
-            "xml": QueryFile(ctx, xml),
-            "live.xml": QueryFile(ctx, live_xml),
-            "autostart": QueryFile(ctx, autostart),
-            "snapshots": SnapshotsDirectory(ctx, host, uuid),
-        }
+        async def set_autostart(value: bool) -> None:
+            await host.set_autostart("domain", uuid, value)
+
+        return [
+            Entry("state", "state", lambda: QueryFile(ctx, state)),
+            Entry("info", "info", lambda: QueryFile(ctx, info)),
+            Entry("xml", "xml", lambda: DefinitionFile(ctx, self)),
+            Entry("live.xml", "live.xml", lambda: QueryFile(ctx, live_xml)),
+            Entry("autostart", "autostart", lambda: FlagFile(ctx, autostart, set_autostart)),
+            Entry("control", "control", lambda: ControlFile(ctx, self.words, self.control)),
+            Entry("snapshots", "snapshots", lambda: SnapshotsDirectory(ctx, host, uuid)),
+        ]
+
+    async def words(self) -> list[str]:
+        state, _ = await self.host.domain_state(self.key)  # type: ignore[arg-type]
+        return [*DOMAIN_WORDS_BY_STATE.get(state, []), "wait"]
+
+    async def control(self, word: str, arguments: list[str]) -> None:
+        if word == "wait":
+            await self.wait(arguments)
+        elif word in self.host.control_words("domain") and not arguments:
+            await self.host.control("domain", self.key, word)  # type: ignore[arg-type]
+        else:
+            raise fs_error(errno.EINVAL, f"unknown control word {' '.join([word, *arguments])!r}"
+                                         f"; the words are: "
+                                         f"{', '.join(self.host.control_words('domain'))}, wait")
+        for node in self.walk_known():
+            node.invalidate()
+
+    async def wait(self, arguments: list[str]) -> None:
+        """`wait STATE [SECONDS]`: return once the domain is in STATE."""
+        if not 1 <= len(arguments) <= 2 or arguments[0] not in DOMAIN_STATES:
+            raise fs_error(errno.EINVAL, f"usage: wait STATE [SECONDS], STATE one of "
+                                         f"{', '.join(DOMAIN_STATES)}")
+        target = arguments[0]
+        try:
+            seconds = float(arguments[1]) if len(arguments) == 2 else DEFAULT_WAIT_SECONDS
+        except ValueError:
+            seconds = math.nan
+        if not seconds >= 0:
+            raise fs_error(errno.EINVAL, f"wait: {arguments[1]!r} is not a number of seconds")
+        with trio.move_on_after(seconds):
+            while (await self.host.domain_state(self.key))[0] != target:  # type: ignore[arg-type]
+                await trio.sleep(WAIT_POLL_SECONDS)
+            return
+        raise fs_error(errno.ETIMEDOUT, f"the domain did not reach {target} within "
+                                        f"{seconds:g} s")

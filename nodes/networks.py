@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from libvirtfs.nodes.base import Context, Directory, Entry, Node, QueryFile, StaticDirectory
-from libvirtfs.nodes.render import flag, key_values, word
-
-if TYPE_CHECKING:
-    from libvirtfs.drivers.host import Host
+from libvirtfs.nodes.base import Entry, QueryFile
+from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
+from libvirtfs.nodes.render import key_values, word
+from libvirtfs.nodes.storage import run_word
+from libvirtfs.nodes.writable import ControlFile, DefinitionFile, FlagFile
 
 
-class NetworksDirectory(Directory):
-    def __init__(self, ctx: Context, host: Host) -> None:
-        super().__init__(ctx)
-        self.host = host
+class NetworksDirectory(CollectionDirectory):
+    kind = "network"
 
-    async def scan(self) -> list[Entry]:
-        return [Entry(uuid, name, lambda uuid=uuid: NetworkDirectory(self.ctx, self.host, uuid))
-                for uuid, name in await self.host.list_networks()]
+    async def listing(self) -> list[tuple[str, str]]:
+        return await self.host.list_networks()
+
+    def make(self, key: str | None) -> ObjectDirectory:
+        return NetworkDirectory(self.ctx, self.host, key)
 
 
-class NetworkDirectory(StaticDirectory):
-    def __init__(self, ctx: Context, host: Host, uuid: str) -> None:
-        super().__init__(ctx)
-        self.host = host
-        self.uuid = uuid
+class NetworkDirectory(ObjectDirectory):
+    kind = "network"
 
-    def build(self) -> dict[str, Node]:
-        host, uuid, ctx = self.host, self.uuid, self.ctx
+    def served(self) -> list[Entry]:
+        host, ctx = self.host, self.ctx
+        uuid = self.key
+        assert uuid is not None
 
         async def state() -> bytes:
             return word(await host.network_state(uuid))
@@ -36,15 +33,22 @@ class NetworkDirectory(StaticDirectory):
         async def info() -> bytes:
             return key_values(await host.network_info(uuid))
 
-        async def xml() -> str:
-            return await host.network_xml(uuid, inactive=True)
+        async def autostart() -> bool:
+            return await host.network_autostart(uuid)
 
-        async def autostart() -> bytes:
-            return flag(await host.network_autostart(uuid))
+        async def set_autostart(value: bool) -> None:
+            await host.set_autostart("network", uuid, value)
 
-        return {
-            "state": QueryFile(ctx, state),
-            "info": QueryFile(ctx, info),
-            "xml": QueryFile(ctx, xml),
-            "autostart": QueryFile(ctx, autostart),
-        }
+        async def words() -> list[str]:
+            return ["stop"] if await host.network_state(uuid) == "active" else ["start"]
+
+        async def control(word: str, arguments: list[str]) -> None:
+            await run_word(self, word, arguments)
+
+        return [
+            Entry("state", "state", lambda: QueryFile(ctx, state)),
+            Entry("info", "info", lambda: QueryFile(ctx, info)),
+            Entry("xml", "xml", lambda: DefinitionFile(ctx, self)),
+            Entry("autostart", "autostart", lambda: FlagFile(ctx, autostart, set_autostart)),
+            Entry("control", "control", lambda: ControlFile(ctx, words, control)),
+        ]

@@ -24,12 +24,13 @@ def test_ls_R_shows_the_whole_tree(demo: Mounted) -> None:
         "./hosts/test/uri", "./hosts/test/info", "./hosts/test/capabilities.xml",
         "./hosts/test/domains", "./hosts/test/domains/test",
         *[f"./hosts/test/domains/test/{f}"
-          for f in ("state", "info", "xml", "live.xml", "autostart", "snapshots")],
+          for f in ("state", "info", "xml", "live.xml", "autostart", "control", "snapshots")],
         "./hosts/test/pools", "./hosts/test/pools/default-pool",
         *[f"./hosts/test/pools/default-pool/{f}"
-          for f in ("state", "info", "xml", "autostart", "volumes")],
+          for f in ("state", "info", "xml", "autostart", "control", "volumes")],
         "./hosts/test/networks", "./hosts/test/networks/default",
-        *[f"./hosts/test/networks/default/{f}" for f in ("state", "info", "xml", "autostart")],
+        *[f"./hosts/test/networks/default/{f}"
+          for f in ("state", "info", "xml", "autostart", "control")],
     ])
     assert run("ls", "-R", demo.path).returncode == 0
 
@@ -76,7 +77,7 @@ def test_info_files_are_key_value_lines(demo: Mounted) -> None:
 
 def test_st_size_is_what_cat_reads(demo: Mounted) -> None:
     files = sh(f"find {demo.path} -type f").stdout.split()
-    assert len(files) == 16
+    assert len(files) == 19
     for name in files:
         assert os.stat(name).st_size == len(Path(name).read_bytes()), name
 

@@ -7,6 +7,7 @@ it when something was written, so errors reach `close()`.
 
 from __future__ import annotations
 
+import errno
 import itertools
 from dataclasses import dataclass, field
 
@@ -19,12 +20,18 @@ class Handle:
     data: bytearray
     writing: bool = False
     dirty: bool = False
+    append: bool = False
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self.data[offset:offset + size])
 
     def write(self, offset: int, buf: bytes) -> int:
+        if self.append:
+            offset = len(self.data)
         end = offset + len(buf)
+        limit = self.node.max_size
+        if limit is not None and max(end, len(self.data)) > limit:
+            raise OSError(errno.EFBIG, f"{self.node.path} takes at most {limit} bytes")
         if offset > len(self.data):
             self.data.extend(b"\0" * (offset - len(self.data)))
         self.data[offset:end] = buf

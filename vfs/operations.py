@@ -76,15 +76,21 @@ class Operations(pyfuse3.Operations):
         if self.ctx.read_only:
             raise fs_error(errno.EROFS, "the filesystem is mounted read-only")
 
+    def _node(self, inode: int) -> Node:
+        # A scratch file renamed onto a served file stands in for it: the kernel keeps the
+        # renamed inode under the served name until it looks the name up again.
+        return self.inodes.get(inode).resolve()
+
     def _directory(self, inode: int) -> Directory:
         node = self.inodes.get(inode)
         if not isinstance(node, Directory):
             raise fs_error(errno.ENOTDIR, f"{node.path} is not a folder")
         return node
 
-    async def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+    async def attributes(self, node: Node, inode: int | None = None
+                         ) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = node.id
+        attrs.st_ino = inode or node.id
         attrs.generation = 0
         attrs.entry_timeout = self.ctx.cache_timeout
         attrs.attr_timeout = self.ctx.cache_timeout
@@ -138,12 +144,12 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        return await self.attributes(self.inodes.get(inode))
+        return await self.attributes(self._node(inode), inode)
 
     @_fuse_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: Any) -> Any:
-        node = self.inodes.get(inode)
+        node = self._node(inode)
         if fields.update_size:
             self._check_writable_mount()
             if not isinstance(node, File):
@@ -158,11 +164,11 @@ class Operations(pyfuse3.Operations):
                     raise
         # chmod, chown and utimensat are accepted and have no effect: tools that copy
         # metadata (sed -i, cp -p, Ansible) must not fail on a file whose mode we own.
-        return await self.attributes(node)
+        return await self.attributes(node, inode)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        node = self.inodes.get(inode)
+        node = self._node(inode)
         if not isinstance(node, Symlink):
             raise fs_error(errno.EINVAL, f"{node.path} is not a symbolic link")
         return os.fsencode(node.target)
@@ -242,12 +248,13 @@ class Operations(pyfuse3.Operations):
         target = self._directory(parent_new)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise fs_error(errno.EINVAL, "exchanging names is not supported")
-        try:
-            await source.rename(_name(name_old), target, _name(name_new),
-                                replace=not flags & pyfuse3.RENAME_NOREPLACE)
-        except OSError as e:
-            target.record_error(e)
-            raise
+        moving = (await source.children()).get(_name(name_old))
+        # The nodes record a refused rename on the file it would have replaced.
+        await source.rename(_name(name_old), target, _name(name_new),
+                            replace=not flags & pyfuse3.RENAME_NOREPLACE)
+        if moving is not None and moving.resolve() is not moving:
+            # Committed onto a served file: make the kernel look the name up again.
+            pyfuse3.invalidate_entry_async(target.id, name_new, ignore_enoent=True)
 
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
@@ -272,7 +279,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        node = self.inodes.get(inode)
+        node = self._node(inode)
         if not isinstance(node, File):
             raise fs_error(errno.EISDIR, f"{node.path} is a folder")
         writing = bool(flags & _WRITE_FLAGS)
@@ -284,8 +291,11 @@ class Operations(pyfuse3.Operations):
             data = b""
         else:
             data = await node.content()
-        handle = Handle(node, bytearray(data), writing=writing,
-                        dirty=writing and bool(flags & os.O_TRUNC) and not node.executes_writes)
+        if writing and flags & os.O_TRUNC and node.holds_bytes:
+            await node.truncate(0)
+        # O_TRUNC alone commits nothing: the shell's `>` opens, dup2()s and closes before
+        # it writes, and that first close must not define an empty document.
+        handle = Handle(node, bytearray(data), writing=writing, append=bool(flags & os.O_APPEND))
         return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
 
     @_fuse_errors
@@ -318,7 +328,11 @@ class Operations(pyfuse3.Operations):
                 node.record_error(e)
                 raise
             return len(buf)
-        return handle.write(off, buf)
+        try:
+            return handle.write(off, buf)
+        except OSError as e:
+            node.record_error(e)
+            raise
 
     @_fuse_errors
     async def flush(self, fh: int) -> None:
@@ -344,7 +358,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        values = await self.inodes.get(inode).xattrs()
+        values = await self._node(inode).xattrs()
         try:
             return values[_name(name)]
         except KeyError:
@@ -352,12 +366,12 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
-        return [os.fsencode(name) for name in await self.inodes.get(inode).xattrs()]
+        return [os.fsencode(name) for name in await self._node(inode).xattrs()]
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
         self._check_writable_mount()
-        node = self.inodes.get(inode)
+        node = self._node(inode)
         try:
             await node.set_xattr(_name(name), value)
         except OSError as e:
@@ -369,7 +383,7 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
         self._check_writable_mount()
         try:
-            await self.inodes.get(inode).remove_xattr(_name(name))
+            await self._node(inode).remove_xattr(_name(name))
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None

@@ -1,0 +1,72 @@
+"""What control words, rmdir and mv do to libvirt objects (blocking; worker threads)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+import libvirt
+
+from libvirtfs.drivers.definitions import KINDS, Key
+
+Action = Callable[[libvirt.virConnect, Key], object]
+
+
+def _on(kind: str, method: Callable[[object], object]) -> Action:
+    return lambda conn, key: method(KINDS[kind].lookup(conn, key))
+
+
+# kind -> word -> action.  docs/writing.md lists them; keep the two in step.
+CONTROL_WORDS: dict[str, dict[str, Action]] = {
+    "domain": {
+        "start": _on("domain", lambda dom: dom.createWithFlags(0)),
+        "start-paused": _on("domain",
+                            lambda dom: dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)),
+        "shutdown": _on("domain", lambda dom: dom.shutdown()),
+        "reboot": _on("domain", lambda dom: dom.reboot(0)),
+        "reset": _on("domain", lambda dom: dom.reset(0)),
+        "destroy": _on("domain", lambda dom: dom.destroy()),
+        "suspend": _on("domain", lambda dom: dom.suspend()),
+        "resume": _on("domain", lambda dom: dom.resume()),
+        "managed-save": _on("domain", lambda dom: dom.managedSave(0)),
+    },
+    "pool": {
+        "start": _on("pool", lambda pool: pool.create(0)),
+        "stop": _on("pool", lambda pool: pool.destroy()),
+        "refresh": _on("pool", lambda pool: pool.refresh(0)),
+        "build": _on("pool", lambda pool: pool.build(0)),
+    },
+    "network": {
+        "start": _on("network", lambda net: net.create()),
+        "stop": _on("network", lambda net: net.destroy()),
+    },
+}
+
+def remove_object(conn: libvirt.virConnect, kind: str, key: Key) -> None:
+    """rmdir: undefine a domain, pool or network (refused while active), delete a volume."""
+    obj = KINDS[kind].lookup(conn, key)
+    if kind == "volume":
+        obj.delete(0)
+        return
+    if obj.isActive():
+        hint = {"domain": "echo destroy > control", "pool": "echo stop > control",
+                "network": "echo stop > control"}[kind]
+        raise OSError(errno.EBUSY, f"{kind} {obj.name()!r} is active; stop it first ({hint})")
+    if kind == "domain":
+        if obj.snapshotNum(0):
+            raise OSError(errno.ENOTEMPTY, f"domain {obj.name()!r} has snapshots; remove "
+                                           f"them first (rmdir snapshots/NAME)")
+        # A managed save image belongs to this definition alone: it goes with it.
+        obj.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    else:
+        obj.undefine()
+
+
+def rename_object(conn: libvirt.virConnect, kind: str, key: Key, new_name: str) -> None:
+    obj = KINDS[kind].lookup(conn, key)
+    if kind != "domain":
+        raise OSError(errno.EPERM, f"libvirt cannot rename a {kind}")
+    if obj.isActive():
+        raise OSError(errno.EBUSY, f"domain {obj.name()!r} is running; libvirt renames only "
+                                   f"inactive domains")
+    obj.rename(new_name, 0)

@@ -1,0 +1,207 @@
+"""Folders for libvirt objects and the collections that hold them.
+
+`CollectionDirectory` (domains/, pools/, networks/, volumes/) lists objects and handles
+mkdir (a pending entry, visible in this mount until its `xml` is written), rmdir (undefine,
+delete) and mv (rename).  `ObjectDirectory` is one object's folder: its served files, and
+scratch files that tools create beside them.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, ClassVar
+
+import trio
+
+from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, fs_error
+from libvirtfs.nodes.names import from_filename
+from libvirtfs.nodes.writable import DefinitionFile, ScratchFile
+
+if TYPE_CHECKING:
+    from libvirtfs.drivers.host import Host
+
+
+class ObjectDirectory(Directory):
+    """One libvirt object; `key` is None while it is pending (made by mkdir, not defined)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, ctx: Context, host: Host, key: str | None,
+                 parent_key: str | None = None) -> None:
+        super().__init__(ctx)
+        self.host = host
+        self.key = key
+        self.parent_key = parent_key
+        self._scratch: dict[str, ScratchFile] = {}
+        self._define_lock = trio.Lock()
+
+    def permissions(self) -> int:
+        return 0o555 if self.ctx.read_only else 0o755
+
+    @property
+    def libvirt_name(self) -> str:
+        return from_filename(self.name)
+
+    @property
+    def pending(self) -> bool:
+        return self.key is None
+
+    def served(self) -> list[Entry]:
+        """The files and folders of an existing object (subclasses)."""
+        raise NotImplementedError
+
+    async def scan(self) -> list[Entry]:
+        if self.key is None:
+            return [Entry("xml", "xml", lambda: DefinitionFile(self.ctx, self))]
+        return self.served()
+
+    def extra_children(self) -> dict[str, Node]:
+        return dict(self._scratch)
+
+    # -- the definition ----------------------------------------------------------------
+
+    async def definition(self) -> bytes:
+        if self.key is None:
+            return b""
+        return await self.host.definition(self.kind, self.key)
+
+    async def define(self, data: bytes) -> None:
+        async with self._define_lock:  # two writers: each commit whole, the last wins
+            key = await self.host.define(self.kind, self.key, self.libvirt_name, data,
+                                         parent=self.parent_key)
+            if self.key is None:
+                self.key = key
+                if isinstance(self.parent, CollectionDirectory):
+                    self.parent.adopt(self)
+            for node in self.walk_known():
+                node.invalidate()
+
+    # -- scratch files -----------------------------------------------------------------
+
+    async def create(self, name: str) -> File:
+        if name in await self.children():
+            raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
+        scratch = ScratchFile(self.ctx)
+        scratch.parent, scratch.name = self, name
+        self._scratch[name] = scratch
+        self.touch()
+        return scratch
+
+    async def remove(self, name: str, *, directory: bool) -> None:
+        if name in self._scratch:
+            del self._scratch[name]
+            self.touch()
+            return
+        node = (await self.children()).get(name)
+        if node is None:
+            raise fs_error(errno.ENOENT, f"{self.path}/{name} does not exist")
+        raise fs_error(errno.EPERM, f"{node.path} is served by libvirtfs and cannot be "
+                                    f"removed; rmdir {self.path} removes the {self.kind}")
+
+    async def rename(self, name: str, target: Directory, new_name: str, *,
+                     replace: bool = True) -> None:
+        source = self._scratch.get(name)
+        if source is None:
+            node = (await self.children()).get(name)
+            if node is None:
+                raise fs_error(errno.ENOENT, f"{self.path}/{name} does not exist")
+            raise fs_error(errno.EPERM, f"{node.path} is served by libvirtfs and cannot be "
+                                        f"renamed")
+        existing = (await target.children()).get(new_name)
+        if existing is not None and not replace:
+            raise fs_error(errno.EEXIST, f"{target.path}/{new_name} exists")
+        if existing is not None and not isinstance(existing, ScratchFile):
+            if not isinstance(existing, File) or not existing.writable:
+                raise fs_error(errno.EPERM, f"{existing.path} cannot be replaced")
+            # The atomic replace of sed -i, editors and Ansible: commit, then drop.
+            try:
+                await existing.commit(source.data)
+            except OSError as e:
+                existing.record_error(e)
+                raise
+            self._scratch.pop(name, None)
+            source.replaced = existing
+            self.touch()
+            return
+        if not isinstance(target, ObjectDirectory):
+            raise fs_error(errno.EPERM, f"files cannot be moved to {target.path}")
+        self._scratch.pop(name, None)
+        target._scratch[new_name] = source
+        source.parent, source.name = target, new_name
+        self.touch()
+        target.touch()
+
+
+class CollectionDirectory(Directory):
+    """A folder of objects of one kind; `make(key)` builds an object's folder."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, ctx: Context, host: Host, parent_key: str | None = None) -> None:
+        super().__init__(ctx)
+        self.host = host
+        self.parent_key = parent_key
+        self._pending: dict[str, ObjectDirectory] = {}
+
+    def permissions(self) -> int:
+        return 0o555 if self.ctx.read_only else 0o755
+
+    async def listing(self) -> list[tuple[str, str]]:
+        """(key, libvirt name) of every object (subclasses)."""
+        raise NotImplementedError
+
+    def make(self, key: str | None) -> ObjectDirectory:
+        raise NotImplementedError
+
+    async def scan(self) -> list[Entry]:
+        return [Entry(key, name, lambda key=key: self.make(key))
+                for key, name in await self.listing()]
+
+    def extra_children(self) -> dict[str, Node]:
+        return {name: node for name, node in self._pending.items() if name not in self._by_name}
+
+    def adopt(self, node: ObjectDirectory) -> None:
+        """A pending folder's object now exists: it keeps its node (and inode)."""
+        self._pending.pop(node.name, None)
+        self._by_key[node.key] = node
+        self.invalidate()
+
+    async def mkdir(self, name: str) -> Directory:
+        if name in await self.children(refresh=True):
+            raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
+        node = self.make(None)
+        node.parent, node.name = self, name
+        self._pending[name] = node
+        self.touch()
+        return node
+
+    async def _object(self, name: str) -> ObjectDirectory:
+        node = await self.lookup(name)
+        assert isinstance(node, ObjectDirectory)
+        return node
+
+    async def remove(self, name: str, *, directory: bool) -> None:
+        node = await self._object(name)
+        if node.key is None:
+            self._pending.pop(name, None)
+        else:
+            await self.host.remove(self.kind, node.key)
+            self.invalidate()
+        self.touch()
+
+    async def rename(self, name: str, target: Directory, new_name: str, *,
+                     replace: bool = True) -> None:
+        node = await self._object(name)
+        if target is not self:
+            raise fs_error(errno.EPERM, f"{node.path} can only be renamed within {self.path}")
+        if new_name in await self.children(refresh=True):
+            raise fs_error(errno.EEXIST, f"{self.path}/{new_name} exists; libvirtfs never "
+                                         f"replaces an object by renaming another")
+        if node.key is None:
+            self._pending.pop(name, None)
+            node.name = new_name
+            self._pending[new_name] = node
+        else:
+            await self.host.rename(self.kind, node.key, from_filename(new_name))
+            self.invalidate()
+        self.touch()

@@ -1,0 +1,140 @@
+"""Files users write: scratch files, definitions (`xml`), control words, flags.
+
+A refused write raises an OSError whose message the vfs records as the file's
+`user.error`; a successful one clears it.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from libvirtfs.drivers.xmldocs import MAX_DOCUMENT_BYTES
+from libvirtfs.nodes.base import Context, File, QueryFile, fs_error
+
+if TYPE_CHECKING:
+    from libvirtfs.nodes.objects import ObjectDirectory
+
+MAX_SCRATCH_BYTES = 16 * 1024 * 1024
+
+
+class ScratchFile(File):
+    """A file a tool made beside the served ones (sed's sedXXXXXX, vim's swap file,
+    Ansible's .ansible_tmp): kept in memory for the life of the mount, and committed to a
+    served file when renamed onto it."""
+
+    max_size = MAX_SCRATCH_BYTES
+    holds_bytes = True
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.data = b""
+        self.xattr_values: dict[str, bytes] = {}
+        # Set once renamed onto a served file, which it then stands in for.
+        self.replaced: File | None = None
+
+    def resolve(self) -> File:
+        return self.replaced or self
+
+    @property
+    def writable(self) -> bool:
+        return True
+
+    async def content(self) -> bytes:
+        return self.data
+
+    async def commit(self, data: bytes) -> None:
+        self.data = data
+        self.touch()
+
+    async def truncate(self, size: int) -> None:
+        await self.commit(self.data[:size].ljust(size, b"\0"))
+
+    async def xattrs(self) -> dict[str, bytes]:
+        return {**self.xattr_values, **await super().xattrs()}
+
+    async def set_xattr(self, name: str, value: bytes) -> None:
+        # Tools copy ACLs and other attributes onto their temporary files; keep them
+        # harmlessly, so that nothing fails half-way through an atomic replace.
+        self.xattr_values[name] = value
+
+    async def remove_xattr(self, name: str) -> None:
+        if self.xattr_values.pop(name, None) is None:
+            await super().remove_xattr(name)
+
+
+class DefinitionFile(QueryFile):
+    """`xml`: reading shows the definition; a whole new document, written and closed or
+    renamed onto it, defines or updates the object."""
+
+    max_size = MAX_DOCUMENT_BYTES
+
+    def __init__(self, ctx: Context, directory: ObjectDirectory) -> None:
+        super().__init__(ctx, directory.definition)
+        self.directory = directory
+
+    @property
+    def writable(self) -> bool:
+        return not self.ctx.read_only
+
+    async def commit(self, data: bytes) -> None:
+        await self.directory.define(data)
+        self.last_error = ""
+        self.invalidate()
+        self.touch()
+
+
+class ControlFile(QueryFile):
+    """`control`: each write is one word, carried out before write() returns, so the
+    writer gets libvirt's answer.  Reading lists the words that make sense now."""
+
+    executes_writes = True
+
+    def __init__(self, ctx: Context, words: Callable[[], Awaitable[list[str]]],
+                 run: Callable[[str, list[str]], Awaitable[None]]) -> None:
+        async def render() -> bytes:
+            return "".join(f"{word}\n" for word in await words()).encode()
+        super().__init__(ctx, render)
+        self._run = run
+
+    @property
+    def writable(self) -> bool:
+        return not self.ctx.read_only
+
+    async def execute(self, data: bytes) -> None:
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise fs_error(errno.EINVAL, "control words are text") from None
+        lines = [line.split() for line in text.splitlines() if line.strip()]
+        if len(lines) != 1:
+            raise fs_error(errno.EINVAL, "write one control word per write "
+                                         f"(got {len(lines)} lines)")
+        word, *arguments = lines[0]
+        await self._run(word, arguments)
+        self.last_error = ""
+        self.invalidate()
+
+
+class FlagFile(QueryFile):
+    """`autostart`: 0 or 1."""
+
+    def __init__(self, ctx: Context, read: Callable[[], Awaitable[bool]],
+                 write: Callable[[bool], Awaitable[None]]) -> None:
+        async def render() -> bytes:
+            return b"1\n" if await read() else b"0\n"
+        super().__init__(ctx, render)
+        self._write = write
+
+    @property
+    def writable(self) -> bool:
+        return not self.ctx.read_only
+
+    async def commit(self, data: bytes) -> None:
+        value = data.strip()
+        if value not in (b"0", b"1"):
+            raise fs_error(errno.EINVAL, f"{self.name} takes 0 or 1, not {value[:20]!r}")
+        await self._write(value == b"1")
+        self.last_error = ""
+        self.invalidate()
