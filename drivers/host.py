@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-from lxml import etree
 
 from libvirtfs.drivers import memo
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.control import CONTROL_WORDS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
+from libvirtfs.drivers.snapshots import SnapshotCalls
 from libvirtfs.drivers.states import (
     domain_reason_word,
     domain_state_word,
@@ -42,16 +42,7 @@ def _network(conn: libvirt.virConnect, uuid: str) -> libvirt.virNetwork:
     return conn.networkLookupByUUIDString(uuid)
 
 
-def _snapshot(conn: libvirt.virConnect, uuid: str, name: str) -> libvirt.virDomainSnapshot:
-    return _domain(conn, uuid).snapshotLookupByName(name, 0)
-
-
-def _safe_parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                           huge_tree=False)
-
-
-class Host:
+class Host(SnapshotCalls):
     """One hypervisor host reached through one libvirt URI."""
 
     def __init__(self, connection: Connection, state_dir: Path | None = None) -> None:
@@ -145,54 +136,6 @@ class Host:
 
     async def domain_autostart(self, uuid: str) -> bool:
         return await self.connection.call(lambda conn: bool(_domain(conn, uuid).autostart()))
-
-    # -- snapshots ---------------------------------------------------------------------
-
-    async def list_snapshots(self, uuid: str) -> list[str]:
-        return await self.connection.call(
-            lambda conn: [s.getName() for s in _domain(conn, uuid).listAllSnapshots(0)])
-
-    async def current_snapshot(self, uuid: str) -> str | None:
-        def fetch(conn: libvirt.virConnect) -> str | None:
-            dom = _domain(conn, uuid)
-            if not dom.hasCurrentSnapshot(0):
-                return None
-            return dom.snapshotCurrent(0).getName()
-        return await self.connection.call(fetch)
-
-    async def snapshot_parent(self, uuid: str, name: str) -> str | None:
-        def fetch(conn: libvirt.virConnect) -> str | None:
-            try:
-                return _snapshot(conn, uuid, name).getParent(0).getName()
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
-                    return None
-                raise
-        return await self.connection.call(fetch)
-
-    async def snapshot_xml(self, uuid: str, name: str) -> str:
-        return await self.connection.call(lambda conn: _snapshot(conn, uuid, name).getXMLDesc(0))
-
-    async def snapshot_info(self, uuid: str, name: str) -> Info:
-        def fetch(conn: libvirt.virConnect) -> Info:
-            snap = _snapshot(conn, uuid, name)
-            doc = etree.fromstring(snap.getXMLDesc(0).encode(), _safe_parser())
-            memory = doc.find("memory")
-            disks = [f"{d.get('name')}={d.get('snapshot', 'default')}"
-                     for d in doc.findall("disks/disk")]
-            return {
-                "name": snap.getName(),
-                "description": doc.findtext("description") or "",
-                "creation-time": int(doc.findtext("creationTime") or 0),
-                "state": doc.findtext("state") or "nostate",
-                "parent": doc.findtext("parent/name") or "",
-                "children": snap.numChildren(0),
-                "current": bool(snap.isCurrent(0)),
-                "metadata": bool(snap.hasMetadata(0)),
-                "memory": memory.get("snapshot", "") if memory is not None else "",
-                "disks": " ".join(disks),
-            }
-        return await self.connection.call(fetch)
 
     # -- storage -----------------------------------------------------------------------
 
