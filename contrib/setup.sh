@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
     fuse3 libfuse3-dev pkg-config libvirt-dev gcc  # build pyfuse3 and libvirt-python
     libvirt-clients                                # virsh, which the tests compare against
-    attr vim-tiny tar                              # getfattr/setfattr, vim, tar: tools the tests drive
+    attr acl vim tar                               # getfattr/setfattr, setfacl, vim, tar: tools the tests drive
 )
 
 missing=()

@@ -72,4 +72,7 @@ def from_libvirt(error: libvirt.libvirtError) -> DriverError:
     """Translate a libvirt exception through the table above."""
     code = error.get_error_code()
     message = error.get_error_message() or str(error)
-    return DriverError(errno_for_code(code), message, code)
+    err = errno_for_code(code)
+    if code == libvirt.VIR_ERR_INVALID_ARG and "unsupported flags" in message:
+        err = errno.EOPNOTSUPP  # libvirt's virCheckFlags: this hypervisor lacks the feature
+    return DriverError(err, message, code)

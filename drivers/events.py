@@ -77,6 +77,10 @@ class EventForwarder:
             (conn.storagePoolEventRegisterAny, libvirt.VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE,
              self._pool),
         ]
+        if hasattr(libvirt, "VIR_DOMAIN_EVENT_ID_METADATA_CHANGE"):
+            registrations.append((conn.domainEventRegisterAny,
+                                  libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+                                  self._domain_metadata))
         if hasattr(libvirt, "VIR_STORAGE_POOL_EVENT_ID_REFRESH"):
             registrations.append((conn.storagePoolEventRegisterAny,
                                   libvirt.VIR_STORAGE_POOL_EVENT_ID_REFRESH, self._pool_plain))
@@ -91,6 +95,9 @@ class EventForwarder:
 
     def _domain_plain(self, conn, dom, opaque) -> None:
         self._send(Change("domain", dom.UUIDString(), "reboot"))
+
+    def _domain_metadata(self, conn, dom, kind, nsuri, opaque) -> None:
+        self._send(Change("domain", dom.UUIDString(), "metadata"))
 
     def _network(self, conn, net, event, detail, opaque) -> None:
         self._send(Change("network", net.UUIDString(), f"{event}:{detail}"))

@@ -69,6 +69,13 @@ class DomainDirectory(ObjectDirectory):
         if word == "wait":
             await self.wait(arguments)
         elif word in self.host.control_words("domain") and not arguments:
+            # Checked here so that every hypervisor refuses alike (the test driver calls a
+            # wrong state an internal error).
+            state, _ = await self.host.domain_state(self.key)  # type: ignore[arg-type]
+            valid = DOMAIN_WORDS_BY_STATE.get(state, [])
+            if word not in valid:
+                raise fs_error(errno.EBUSY, f"{word} is not possible while the domain is "
+                                            f"{state}; valid now: {', '.join([*valid, 'wait'])}")
             await self.host.control("domain", self.key, word)  # type: ignore[arg-type]
         else:
             raise fs_error(errno.EINVAL, f"unknown control word {' '.join([word, *arguments])!r}"

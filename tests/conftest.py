@@ -35,6 +35,19 @@ def sh(script: str, *, check: bool = True, cwd: str | os.PathLike | None = None,
                           cwd=cwd, timeout=timeout)
 
 
+def eventually(check, timeout: float = 5.0):
+    """Retry `check` until it passes: a mount shows changes made elsewhere within its
+    documented cache time (1 s by default), sooner when libvirt sends an event."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 class Mounted:
     """One running libvirtfs process and its mount point."""
 
@@ -143,3 +156,13 @@ def big(mount_factory, big_host_xml: Path) -> Mounted:
 def stop_signal(mounted: Mounted, signum: int = signal.SIGTERM) -> int:
     mounted.process.send_signal(signum)
     return mounted.process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def qemu_uri() -> str:
+    """The real libvirtd with QEMU that contrib/test.sh starts (contrib/qemu-testbed.sh)."""
+    uri = os.environ.get("LIBVIRTFS_QEMU_URI")
+    if not uri:
+        pytest.skip("no real libvirtd: run contrib/test.sh, or start contrib/qemu-testbed.sh "
+                    "and set LIBVIRTFS_QEMU_URI=qemu:///system")
+    return uri

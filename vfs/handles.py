@@ -21,6 +21,8 @@ class Handle:
     writing: bool = False
     dirty: bool = False
     append: bool = False
+    # A refused write spoils the document: close() reports that error and commits nothing.
+    failed: OSError | None = None
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self.data[offset:offset + size])

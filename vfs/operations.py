@@ -331,12 +331,16 @@ class Operations(pyfuse3.Operations):
         try:
             return handle.write(off, buf)
         except OSError as e:
+            handle.failed, handle.dirty = e, False
             node.record_error(e)
             raise
 
     @_fuse_errors
     async def flush(self, fh: int) -> None:
         handle = self.handles.get(fh)
+        if handle.failed is not None:
+            failed, handle.failed = handle.failed, None
+            raise failed
         if not handle.dirty:
             return
         handle.dirty = False
