@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import libvirt
 import trio
 
-from libvirtfs.drivers import events
+from libvirtfs.drivers import events, faults
 from libvirtfs.drivers.errors import DriverError, from_libvirt
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,12 @@ class Connection:
         self._conn: libvirt.virConnect | None = None
         self._open_lock = threading.Lock()
         self._on_open: list[Callable[[libvirt.virConnect], None]] = []
+        self.faults = faults.from_environment()
+        # Calls that ran out of time but whose threads still wait on libvirt.  While there
+        # are any, the host is taken as hung and new calls fail at once (ETIMEDOUT) instead
+        # of each waiting out its own timeout: `ls -l` of a dead host must not take minutes.
+        self._hung = 0
+        self._hung_lock = threading.Lock()
 
     def on_open(self, callback: Callable[[libvirt.virConnect], None]) -> None:
         """Run `callback(conn)` (in the worker thread) each time the connection is (re)opened;
@@ -56,7 +62,10 @@ class Connection:
     def _open(self) -> libvirt.virConnect:
         with self._open_lock:
             if self._conn is not None:
-                return self._conn
+                if self._conn.isAlive():
+                    return self._conn
+                log.warning("connection to %s was lost; reconnecting", self.requested_uri)
+                self._conn = None
             events.ensure_event_loop()
             uri = self.requested_uri
             try:
@@ -83,6 +92,8 @@ class Connection:
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         conn = self._open()
+        if self.faults is not None:
+            self._inject(conn)
         try:
             return fn(conn, *args)
         except libvirt.libvirtError as e:
@@ -91,6 +102,17 @@ class Connection:
                     if self._conn is conn:
                         self._conn = None
             raise from_libvirt(e) from None
+
+    def _inject(self, conn: libvirt.virConnect) -> None:
+        fault = self.faults.fault_for(self.requested_uri) if self.faults else None
+        if fault is None:
+            return
+        if fault.kind == "drop":
+            # What libvirtd going away looks like from here: the close callback runs and
+            # this connection is dead; the call at hand fails, the next one reconnects.
+            self._closed(conn, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
+            conn.close()
+        faults.FaultRules.apply_delay_or_error(fault)
 
     def close_now(self) -> None:
         """Close the connection (blocking; for shutdown)."""
@@ -105,15 +127,45 @@ class Connection:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(conn, *args)` in a worker thread; DriverError on failure or timeout."""
         name = getattr(fn, "__name__", "call")
+        where = self.requested_uri or "the default URI"
+        if self._hung:
+            raise DriverError(errno.ETIMEDOUT, f"{where} is not answering: {self._hung} "
+                                               f"libvirt call(s) still wait after "
+                                               f"{self.timeout:g} s")
+        call = _Call()
+
+        def in_thread() -> T:
+            try:
+                return self._run(fn, args)
+            finally:
+                with self._hung_lock:
+                    call.done = True
+                    if call.abandoned:
+                        self._hung -= 1
+                        log.info("%s answered again", where)
+
         try:
             with trio.fail_after(self.timeout):
                 return await trio.to_thread.run_sync(
-                    self._run, fn, args, limiter=self.limiter, abandon_on_cancel=True)
+                    in_thread, limiter=self.limiter, abandon_on_cancel=True)
         except trio.TooSlowError:
-            raise DriverError(
-                errno.ETIMEDOUT,
-                f"libvirt did not answer {name} within {self.timeout:g} s "
-                f"({self.requested_uri or 'default URI'})") from None
+            with self._hung_lock:
+                if not call.done:
+                    call.abandoned = True
+                    self._hung += 1
+            raise DriverError(errno.ETIMEDOUT,
+                              f"libvirt did not answer {name} within {self.timeout:g} s "
+                              f"({where})") from None
 
     async def close(self) -> None:
         await trio.to_thread.run_sync(self.close_now, abandon_on_cancel=True)
+
+
+class _Call:
+    """Whether one call's thread has finished, or was given up on."""
+
+    __slots__ = ("abandoned", "done")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.abandoned = False

@@ -6,6 +6,7 @@ mounted), then mount, then report readiness, then serve until unmounted or signa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -86,10 +87,11 @@ class Mount:
     def __init__(self, hosts: dict[str, Host], options: MountOptions) -> None:
         self.hosts = hosts
         self.ctx = Context(cache_timeout=options.cache_timeout, read_only=options.read_only,
-                           uid=os.getuid(), gid=os.getgid())
+                           uid=os.getuid(), gid=os.getgid(), changed=self._changed)
         self.root = RootDirectory(self.ctx, hosts)
         self.operations = Operations(self.root, self.ctx)
         self._send, self._changes = trio.open_memory_channel[tuple[HostDirectory, Change]](1000)
+        self._send_stale, self._stale = trio.open_memory_channel[Node](10000)
 
     async def host_directories(self) -> dict[str, HostDirectory]:
         children = await self.root.hosts_directory.children()
@@ -117,6 +119,16 @@ class Mount:
             except trio.WouldBlock:
                 log.warning("event queue full; dropping %s", change)
         return deliver
+
+    def _changed(self, node: Node) -> None:
+        """A node's content or listing changed: the kernel's copy is stale.  Handled by a
+        task of its own, since invalidating from inside a request handler can deadlock."""
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._send_stale.send_nowait(node)
+
+    async def drop_stale(self) -> None:
+        async for node in self._stale:
+            await self.forget_kernel_cache([node])
 
     async def forget_kernel_cache(self, nodes: list[Node]) -> None:
         for node in nodes:
@@ -149,6 +161,7 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
         async with trio.open_nursery() as nursery:
             await nursery.start(mount.watch_events)
             nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(mount.drop_stale)
             ready()
             log.info("mounted %s at %s", ", ".join(hosts), mountpoint)
             await pyfuse3.main()

@@ -156,14 +156,14 @@ class QueryFile(File):
         super().__init__(ctx)
         self._render = render
         self._cached: bytes | None = None
-        self._fetched_at = 0.0
+        self._fetched_at: float | None = None
         self._lock = trio.Lock()
 
     def invalidate(self) -> None:
-        self._cached = None
+        self._fetched_at = None  # the old bytes stay, to tell whether the next ones differ
 
     def fresh(self) -> bool:
-        return (self._cached is not None
+        return (self._fetched_at is not None
                 and self.ctx.now() - self._fetched_at < self.ctx.cache_timeout)
 
     async def content(self) -> bytes:
@@ -177,6 +177,7 @@ class QueryFile(File):
                 data = data.encode()
             if self._cached is not None and data != self._cached:
                 self.touch()
+                self.ctx.changed(self)
             self._cached, self._fetched_at = data, self.ctx.now()
             return data
 
@@ -284,6 +285,7 @@ class Directory(Node):
             by_name[node.name] = node
         if self._ever_scanned and by_name.keys() != self._by_name.keys():
             self.touch()
+            self.ctx.changed(self)
         self._ever_scanned = True
         self._by_key = by_key
         self._by_name = dict(sorted(by_name.items(), key=lambda item: item[1].id))

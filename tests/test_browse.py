@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import Mounted, run, sh
+from conftest import Mounted, eventually, run, sh
 
 DEMO = "test:///default"
 
@@ -168,3 +169,17 @@ def test_many_lookups_do_not_grow_memory(big: Mounted) -> None:
     before = rss_kib()
     lookups()  # 20,000 more lookups of the same objects
     assert rss_kib() - before < 8 * 1024
+
+
+def test_state_mtime_moves_when_the_state_changes(demo: Mounted) -> None:
+    dom = demo.host() / "domains/test"
+    before = os.stat(dom / "state").st_mtime
+    time.sleep(1.1)
+    assert os.stat(dom / "state").st_mtime == before  # nothing changed, nothing moves
+    (dom / "control").write_text("suspend\n")
+    assert (dom / "state").read_text() == "paused\n"
+
+    def moved() -> None:
+        assert os.stat(dom / "state").st_mtime > before
+
+    eventually(moved, timeout=3)

@@ -357,3 +357,64 @@ def test_read_only_mount_refuses_every_change(mount_factory) -> None:
                      (xattr.setxattr, (str(dom / "xml"), "user.x", b"1"))]:
         expect_errno(errno.EROFS, fn, *args)
     assert (dom / "state").read_text() == "running\n"
+
+
+VOLUME = """<volume>
+  <name>disk1.img</name>
+  <capacity unit='MiB'>16</capacity>
+  <target><format type='raw'/></target>
+</volume>
+"""
+
+
+def test_pools_and_volumes_by_mkdir_write_control_and_rmdir(demo: Mounted,
+                                                             tmp_path: Path) -> None:
+    pools = demo.host() / "pools"
+    (tmp_path / "pool").mkdir()
+    document = POOL.format(path=tmp_path / "pool")
+    run("mkdir", pools / "scratch")
+    write_file(pools / "scratch" / "xml", document)
+    pool = pools / "scratch"
+    assert (pool / "state").read_text() == "inactive\n"
+    assert (pool / "xml").read_text() == document
+    assert (pool / "control").read_text() == "start\nbuild\n"
+    sh(f"echo build > {pool / 'control'}")
+    sh(f"echo start > {pool / 'control'}")
+    assert (pool / "state").read_text() == "running\n"
+    assert info(pool / "info")["state"] == "running"
+
+    run("mkdir", pool / "volumes" / "disk1.img")
+    write_file(pool / "volumes" / "disk1.img" / "xml", VOLUME)
+    volume = pool / "volumes" / "disk1.img"
+    assert info(volume / "info")["capacity"] == str(16 * 1024 * 1024)
+    assert (volume / "path").read_text().strip().endswith("disk1.img")
+    assert (volume / "xml").read_text() == VOLUME  # read-your-writes
+    error = expect_errno(errno.EEXIST, write_file, volume / "xml",
+                         VOLUME.replace("16", "32"))
+    assert "cannot redefine" in user_error(volume / "xml"), error
+
+    expect_errno(errno.EBUSY, os.rmdir, pool)
+    run("rmdir", volume)
+    assert os.listdir(pool / "volumes") == []
+    sh(f"echo stop > {pool / 'control'}")
+    sh(f"echo 1 > {pool / 'autostart'}")
+    assert (pool / "autostart").read_text() == "1\n"
+    run("rmdir", pool)
+    assert "scratch" not in os.listdir(pools)
+
+
+def test_networks_by_mkdir_write_control_and_rmdir(demo: Mounted) -> None:
+    networks = demo.host() / "networks"
+    run("mkdir", networks / "lab")
+    write_file(networks / "lab" / "xml", NETWORK)
+    lab = networks / "lab"
+    assert (lab / "state").read_text() == "inactive\n"
+    assert (lab / "control").read_text() == "start\n"
+    sh(f"echo start > {lab / 'control'}")
+    assert (lab / "state").read_text() == "active\n"
+    expect_errno(errno.EBUSY, os.rmdir, lab)
+    assert "echo stop > control" in user_error(networks)
+    expect_errno(errno.EINVAL, write_file, lab / "control", "explode\n")
+    sh(f"echo stop > {lab / 'control'}")
+    run("rmdir", lab)
+    assert os.listdir(networks) == ["default"]

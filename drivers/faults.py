@@ -1,0 +1,84 @@
+"""Fault injection around the real driver, for reliability tests.
+
+Off unless the environment variable LIBVIRTFS_FAULTS names a rules file.  The file is read
+again whenever it changes, so a test can make a host slow, failing or disconnected while it
+is mounted.  One rule a line, for the host whose URI (as given on the command line) is the
+first word:
+
+    test:///tmp/host.xml delay 5      every call sleeps 5 s first (a hung libvirtd)
+    test:///tmp/host.xml error 5      every call fails with errno 5
+    test:///tmp/host.xml drop         the connection is closed under the next call, as when
+                                      libvirtd goes away (the close callback runs)
+
+The faults happen in the worker thread, around real libvirt calls: nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from libvirtfs.drivers.errors import DriverError
+
+ENVIRONMENT = "LIBVIRTFS_FAULTS"
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # delay, error, drop
+    value: float = 0.0
+
+
+class FaultRules:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, int] | None = None
+        self._rules: dict[str, Fault] = {}
+        self._dropped: set[tuple[str, tuple[float, int]]] = set()
+
+    def _reload(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._rules, self._stamp = {}, None
+            return
+        stamp = (st.st_mtime, st.st_size)
+        if stamp == self._stamp:
+            return
+        rules: dict[str, Fault] = {}
+        with open(self.path) as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2:
+                    value = float(words[2]) if len(words) > 2 else 0.0
+                    rules[words[0]] = Fault(words[1], value)
+        self._rules, self._stamp = rules, stamp
+
+    def fault_for(self, uri: str | None) -> Fault | None:
+        with self._lock:
+            self._reload()
+            fault = self._rules.get(uri or "")
+            if fault is not None and fault.kind == "drop":
+                # A drop happens once per writing of the rules file.
+                token = (uri or "", self._stamp or (0.0, 0))
+                if token in self._dropped:
+                    return None
+                self._dropped.add(token)
+            return fault
+
+    @staticmethod
+    def apply_delay_or_error(fault: Fault) -> None:
+        if fault.kind == "delay":
+            time.sleep(fault.value)
+        elif fault.kind == "error":
+            err = int(fault.value) or errno.EIO
+            raise DriverError(err, f"injected fault: {os.strerror(err)}")
+
+
+def from_environment() -> FaultRules | None:
+    path = os.environ.get(ENVIRONMENT)
+    return FaultRules(path) if path else None
