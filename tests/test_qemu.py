@@ -1,0 +1,121 @@
+"""The tree and the write side against a real libvirtd running QEMU (contrib/qemu-testbed.sh)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import xattr
+from conftest import run, sh
+
+pytestmark = pytest.mark.qemu
+
+GUEST = """<domain type='qemu'>
+  <name>{name}</name>
+  <!-- a 64 MiB guest with no OS: SeaBIOS runs forever -->
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>
+"""
+
+
+@pytest.fixture
+def guest_name(qemu_uri: str):
+    name = f"lvfs-{uuid.uuid4().hex[:8]}"
+    yield name
+    run("virsh", "-c", qemu_uri, "destroy", name, check=False)
+    run("virsh", "-c", qemu_uri, "undefine", "--managed-save", name, check=False)
+
+
+def write_file(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_read_your_writes_survives_unmount_and_a_second_mount(
+        mount_factory, qemu_uri: str, guest_name: str) -> None:
+    first = mount_factory(f"lab={qemu_uri}", name="first")
+    folder = first.host("lab") / "domains" / guest_name
+    folder.mkdir()
+    document = GUEST.format(name=guest_name)
+    write_file(folder / "xml", document)
+    assert (folder / "xml").read_text() == document
+    second = mount_factory(f"lab={qemu_uri}", name="second")
+    assert (second.host("lab") / "domains" / guest_name / "xml").read_text() == document
+    assert first.unmount() == 0
+    third = mount_factory(f"other={qemu_uri}", name="third")
+    assert (third.host("other") / "domains" / guest_name / "xml").read_text() == document
+    # libvirt's own view carries no trace of it but the metadata element
+    dumped = run("virsh", "-c", qemu_uri, "dumpxml", "--inactive", guest_name).stdout
+    assert "libvirtfs.org/xmlns/written/1" in dumped
+    assert "libvirtfs" not in (third.host("other") / "domains" / guest_name / "live.xml"
+                               ).read_text()
+
+
+def test_control_words_on_qemu(mount_factory, qemu_uri: str, guest_name: str) -> None:
+    mounted = mount_factory(f"lab={qemu_uri}")
+    folder = mounted.host("lab") / "domains" / guest_name
+    folder.mkdir()
+    write_file(folder / "xml", GUEST.format(name=guest_name))
+    control, state = folder / "control", folder / "state"
+
+    def say(word: str) -> None:
+        sh(f"echo '{word}' > {control}")
+
+    say("start-paused")
+    assert state.read_text() == "paused\n"
+    say("resume")
+    assert state.read_text() == "running\n"
+    for word, expected in [("suspend", "paused"), ("resume", "running"),
+                           ("reset", "running"), ("managed-save", "shutoff")]:
+        say(word)
+        assert state.read_text() == f"{expected}\n", word
+    assert "managed-save: yes" in (folder / "info").read_text()
+    say("start")  # restores the saved image
+    say("wait running 10")
+    # A guest without an OS ignores ACPI: shutdown is sent, the wait times out.
+    say("shutdown")
+    with pytest.raises(OSError) as caught:
+        write_file(control, "wait shutoff 1\n")
+    assert caught.value.errno == errno.ETIMEDOUT
+    assert "did not reach shutoff" in xattr.getxattr(str(control), "user.error").decode()
+    say("destroy")
+    assert state.read_text() == "shutoff\n"
+    # rmdir undefines; a managed save image goes with it.
+    say("start")
+    say("managed-save")
+    run("rmdir", folder)
+    assert guest_name not in os.listdir(folder.parent)
+    assert run("virsh", "-c", qemu_uri, "dominfo", guest_name, check=False).returncode != 0
+
+
+def test_volumes_on_a_real_pool(mount_factory, qemu_uri: str, tmp_path: Path) -> None:
+    mounted = mount_factory(f"lab={qemu_uri}")
+    pools = mounted.host("lab") / "pools"
+    name = f"lvfs-pool-{uuid.uuid4().hex[:6]}"
+    directory = tmp_path / "images"
+    directory.mkdir()
+    try:
+        (pools / name).mkdir()
+        write_file(pools / name / "xml", f"<pool type='dir'><name>{name}</name>"
+                                         f"<target><path>{directory}</path></target></pool>\n")
+        sh(f"echo start > {pools / name / 'control'}")
+        volumes = pools / name / "volumes"
+        (volumes / "disk.qcow2").mkdir()
+        write_file(volumes / "disk.qcow2" / "xml",
+                   "<volume><name>disk.qcow2</name><capacity unit='MiB'>16</capacity>"
+                   "<target><format type='qcow2'/></target></volume>\n")
+        path = (volumes / "disk.qcow2" / "path").read_text().strip()
+        assert path == str(directory / "disk.qcow2")
+        assert "file format: qcow2" in run("qemu-img", "info", path).stdout
+        run("rmdir", volumes / "disk.qcow2")
+        assert not os.path.exists(path)
+        sh(f"echo stop > {pools / name / 'control'}")
+        run("rmdir", pools / name)
+        assert name not in os.listdir(pools)
+    finally:
+        run("virsh", "-c", qemu_uri, "pool-destroy", name, check=False)
+        run("virsh", "-c", qemu_uri, "pool-undefine", name, check=False)
