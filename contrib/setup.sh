@@ -47,10 +47,6 @@ if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
     cp pyproject.toml "$stamp"
 fi
 
-# mount -t fuse.libvirtfs (and so /etc/fstab) looks for this helper on its own PATH.
-helper=/sbin/mount.fuse.libvirtfs
-wanted=$(sed "s|@LIBVIRTFS@|$PWD/.venv/bin/libvirtfs|" contrib/mount.fuse.libvirtfs)
-if [ "$(cat "$helper" 2>/dev/null)" != "$wanted" ]; then
-    printf '%s\n' "$wanted" >"$helper"
-    chmod 755 "$helper"
-fi
+# The command on PATH, for users and for mount -t fuse.libvirtfs (and so /etc/fstab): mount
+# runs mount.fuse3 with a PATH of its own, which holds /usr/local/bin but not this .venv.
+ln -sfn "$PWD/.venv/bin/libvirtfs" /usr/local/bin/libvirtfs
