@@ -13,7 +13,7 @@ import itertools
 import logging
 import stat
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -39,10 +39,10 @@ class Context:
     # Called with a node whose content or listing changed without anybody asking (events),
     # so the vfs can tell the kernel to drop what it cached.  No-op without a mount.
     changed: Callable[[Node], None] = lambda node: None
-    _ids: Iterable[int] = field(default_factory=lambda: itertools.count(1))
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def new_id(self) -> int:
-        return next(self._ids)  # type: ignore[call-overload]
+        return next(self._ids)
 
     @staticmethod
     def now() -> float:

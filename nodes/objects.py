@@ -167,6 +167,10 @@ class CollectionDirectory(Directory):
         self.invalidate()
 
     async def mkdir(self, name: str) -> Directory:
+        try:
+            from_filename(name).encode()
+        except UnicodeEncodeError:
+            raise fs_error(errno.EINVAL, f"{name!r}: libvirt names are UTF-8 text") from None
         if name in await self.children(refresh=True):
             raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
         node = self.make(None)

@@ -418,3 +418,14 @@ def test_networks_by_mkdir_write_control_and_rmdir(demo: Mounted) -> None:
     sh(f"echo stop > {lab / 'control'}")
     run("rmdir", lab)
     assert os.listdir(networks) == ["default"]
+
+
+def test_names_that_are_not_utf8_are_refused(demo: Mounted) -> None:
+    domains = os.fsencode(demo.host() / "domains")
+    expect_errno(errno.EINVAL, os.mkdir, domains + b"/bad\xff")
+    assert "UTF-8" in user_error(demo.host() / "domains")
+    folder = os.fsencode(demo.host() / "domains/test")
+    with open(folder + b"/odd\xfe.txt", "w") as f:  # a scratch file may have any bytes
+        f.write("kept")
+    assert b"odd\xfe.txt" in os.listdir(folder)
+    os.unlink(folder + b"/odd\xfe.txt")

@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import reprlib
 import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -35,7 +36,7 @@ def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s%r", fn.__name__, args[1:])
+            log.debug("%s(%s)", fn.__name__, ", ".join(map(_short_repr.repr, args[1:])))
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError as e:
@@ -48,6 +49,10 @@ def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             log.exception("unexpected error in %s%r", fn.__name__, args[1:])
             raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper
+
+
+_short_repr = reprlib.Repr()
+_short_repr.maxstring = _short_repr.maxother = 80
 
 
 def _name(raw: bytes) -> str:
