@@ -88,12 +88,17 @@ async def test_gone_object_gives_enoent(testhost: Host) -> None:
     assert "not found" in caught.value.strerror
 
 
-async def test_slow_call_times_out(testhost: Host) -> None:
+async def test_slow_call_times_out_and_the_host_counts_as_hung(testhost: Host) -> None:
     testhost.connection.timeout = 0.2
     with pytest.raises(DriverError) as caught:
-        await testhost.connection.call(lambda conn: __import__("time").sleep(2))
+        await testhost.connection.call(lambda conn: __import__("time").sleep(1))
     assert caught.value.errno == errno.ETIMEDOUT
-    # The abandoned call holds one of the host's worker slots, not the trio loop.
+    # While the abandoned call still waits, the host fails fast instead of hanging again.
+    with trio.fail_after(0.1), pytest.raises(DriverError) as caught:
+        await testhost.uri()
+    assert caught.value.errno == errno.ETIMEDOUT
+    assert "is not answering" in caught.value.strerror
+    await trio.sleep(1)  # the slow call returns: the host answers again
     with trio.fail_after(1):
         assert await testhost.uri()
 
