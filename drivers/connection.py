@@ -126,7 +126,6 @@ class Connection:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(conn, *args)` in a worker thread; DriverError on failure or timeout."""
-        name = getattr(fn, "__name__", "call")
         where = self.requested_uri or "the default URI"
         if self._hung:
             raise DriverError(errno.ETIMEDOUT, f"{where} is not answering: {self._hung} "
@@ -154,8 +153,8 @@ class Connection:
                     call.abandoned = True
                     self._hung += 1
             raise DriverError(errno.ETIMEDOUT,
-                              f"libvirt did not answer {name} within {self.timeout:g} s "
-                              f"({where})") from None
+                              f"libvirt did not answer within {self.timeout:g} s ({where})"
+                              ) from None
 
     async def close(self) -> None:
         await trio.to_thread.run_sync(self.close_now, abandon_on_cancel=True)

@@ -160,6 +160,8 @@ class Definitions:
             if memo.shown(current_text, written, kind.normalize) == data:
                 return key  # type: ignore[return-value]  # nothing to change
             _keep_identity(root, etree.fromstring(current_text.encode()), kind.name)
+            if kind.name == "domain":
+                _keep_passwords(root, current)
         new_text = etree.tostring(root, encoding="unicode")
         if current_text is not None and (xmldocs.canonical(new_text)
                                          == xmldocs.canonical(current_text)):
@@ -169,9 +171,16 @@ class Definitions:
         new_key = kind.key(obj)
         clean, _ = memo.strip(kind.xml(obj))
         written = memo.Written(memo.digest(kind.normalize(clean)), data)
+        # A document holding a password is not remembered: xml shows libvirt's text, which
+        # leaves passwords out, and the bytes are kept nowhere.
+        secret = root.xpath("boolean(//@passwd)")
         if kind.in_libvirt_memo:
-            obj.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, memo.element(written),
-                            memo.PREFIX, memo.NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            obj.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                            None if secret else memo.element(written),
+                            None if secret else memo.PREFIX, memo.NAMESPACE,
+                            libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        elif secret:
+            self.store.forget(self._host_id(conn), kind.name, new_key)
         else:
             self.store.put(self._host_id(conn), kind.name, new_key, written)
         return new_key
@@ -205,6 +214,25 @@ def _keep_identity(new: etree._Element, current: etree._Element, kind: str) -> N
                 old_mac = old_interfaces[index].find("mac")
                 if old_mac is not None:
                     interface.insert(0, _copy(old_mac))
+
+
+def _keep_passwords(new: etree._Element, domain: Any) -> None:
+    """`xml` never shows graphics passwords (like virsh dumpxml); a document written back
+    without one keeps the password the domain has."""
+    try:
+        secure = etree.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE
+                                                 | libvirt.VIR_DOMAIN_XML_SECURE).encode())
+    except libvirt.libvirtError:
+        return  # a read-only connection cannot see them, so cannot lose them either
+    old_graphics = secure.findall("devices/graphics")
+    for index, graphics in enumerate(new.findall("devices/graphics")):
+        if index >= len(old_graphics) or graphics.get("passwd") is not None:
+            continue
+        old = old_graphics[index]
+        if old.get("type") == graphics.get("type") and old.get("passwd") is not None:
+            for attribute in ("passwd", "passwdValidTo"):
+                if old.get(attribute) is not None:
+                    graphics.set(attribute, old.get(attribute))
 
 
 def _copy(element: etree._Element) -> etree._Element:

@@ -71,6 +71,10 @@ class Host(SnapshotCalls):
                 hv_version = version_string(conn.getVersion())
             except libvirt.libvirtError:
                 hv_version = "unknown"
+            try:  # KiB, as virsh nodeinfo prints; getInfo rounds to MiB
+                memory_kib = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"]
+            except (libvirt.libvirtError, KeyError):
+                memory_kib = memory_mib * 1024
             return {
                 "hostname": conn.getHostname(),
                 "hypervisor": conn.getType(),
@@ -83,7 +87,7 @@ class Host(SnapshotCalls):
                 "sockets": sockets,
                 "cores": cores,
                 "threads": threads,
-                "memory": memory_mib * 1024,
+                "memory": memory_kib,
             }
         return await self.connection.call(fetch)
 

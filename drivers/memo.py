@@ -92,10 +92,14 @@ class LocalStore:
 
     def put(self, host_uuid: str, kind: str, key: str, written: Written) -> None:
         path = self._path(host_uuid, kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"digest": written.digest,
-                                         "data": base64.b64encode(written.data).decode()}))
+        record = json.dumps({"digest": written.digest,
+                             "data": base64.b64encode(written.data).decode()})
+        # Definitions may name paths and addresses: readable by the mounting user only.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
         os.replace(temporary, path)
 
     def forget(self, host_uuid: str, kind: str, key: str) -> None:

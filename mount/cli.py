@@ -16,6 +16,7 @@ import sys
 
 import trio
 
+from libvirtfs.drivers.memo import default_state_dir
 from libvirtfs.mount.options import MountOptions, OptionError
 from libvirtfs.mount.serve import StartupError, parse_host, serve
 
@@ -27,6 +28,8 @@ READY = b"ready\n"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="libvirtfs",
+        usage="%(prog)s [-f] [--debug] [--log-file PATH] [-o OPTS] [NAME=]URI... MOUNTPOINT "
+              "[-o OPTS]",
         description="Mount libvirt hosts as a directory tree: hosts/NAME/domains, pools, "
                     "networks.",
         epilog="Example: libvirtfs test:///default /mnt/virt; unmount with "
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log every filesystem operation (implies nothing else)")
     parser.add_argument("--log-file", metavar="PATH",
                         help="write the log here (default: standard error in the "
-                             "foreground, syslog in the background)")
+                             "foreground; in the background syslog, or "
+                             "/var/lib/libvirtfs/libvirtfs.log without one)")
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -56,7 +60,9 @@ def setup_logging(args: argparse.Namespace, background: bool) -> None:
     elif background and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler("/dev/log")
     elif background:
-        handler = logging.NullHandler()
+        state_dir = default_state_dir()
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler = logging.FileHandler(state_dir / "libvirtfs.log")
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(

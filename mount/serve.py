@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +38,10 @@ class HostSpec:
 
 
 def parse_host(text: str) -> HostSpec:
-    """`NAME=URI` or `URI`; a NAME has no `:` or `/`, so URIs with `=` in a query stay whole."""
+    """`NAME=URI` or `URI`: a URI has its `:` before any `=` (qemu:///system?x=y), a NAME
+    has none."""
     name, sep, uri = text.partition("=")
-    if sep and name and not re.search(r"[:/]", name):
+    if sep and ":" not in name:
         return HostSpec(name, uri or None)
     return HostSpec(None, text or None)
 
@@ -63,7 +63,7 @@ async def connect_hosts(specs: list[HostSpec], options: MountOptions) -> dict[st
         except OSError as e:
             raise StartupError(f"cannot connect to {spec.uri or 'the default URI'}: "
                                f"{e.strerror or e}") from None
-        if "/" in name or name in (".", ".."):
+        if not name or "/" in name or name in (".", ".."):
             raise StartupError(f"host name {name!r} cannot be a folder name")
         unique, n = name, 2
         while unique in hosts:

@@ -96,9 +96,12 @@ class DomainDirectory(ObjectDirectory):
             seconds = math.nan
         if not seconds >= 0:
             raise fs_error(errno.EINVAL, f"wait: {arguments[1]!r} is not a number of seconds")
-        with trio.move_on_after(seconds):
-            while (await self.host.domain_state(self.key))[0] != target:  # type: ignore[arg-type]
-                await trio.sleep(WAIT_POLL_SECONDS)
+        deadline = trio.current_time() + seconds
+        while (await self.host.domain_state(self.key))[0] != target:  # type: ignore[arg-type]
+            if trio.current_time() >= deadline:
+                break
+            await trio.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - trio.current_time())))
+        else:
             return
         raise fs_error(errno.ETIMEDOUT, f"the domain did not reach {target} within "
                                         f"{seconds:g} s")

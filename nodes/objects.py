@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import trio
 
 from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, fs_error
-from libvirtfs.nodes.names import from_filename
+from libvirtfs.nodes.names import from_filename, to_filename
 from libvirtfs.nodes.writable import DefinitionFile, ScratchFile
 
 if TYPE_CHECKING:
@@ -114,11 +114,7 @@ class ObjectDirectory(Directory):
             if not isinstance(existing, File) or not existing.writable:
                 raise fs_error(errno.EPERM, f"{existing.path} cannot be replaced")
             # The atomic replace of sed -i, editors and Ansible: commit, then drop.
-            try:
-                await existing.commit(source.data)
-            except OSError as e:
-                existing.record_error(e)
-                raise
+            await existing.commit(source.data)
             self._scratch.pop(name, None)
             source.replaced = existing
             self.touch()
@@ -168,9 +164,14 @@ class CollectionDirectory(Directory):
 
     async def mkdir(self, name: str) -> Directory:
         try:
-            from_filename(name).encode()
+            libvirt_name = from_filename(name)
+            libvirt_name.encode()
         except UnicodeEncodeError:
             raise fs_error(errno.EINVAL, f"{name!r}: libvirt names are UTF-8 text") from None
+        canonical = to_filename(libvirt_name, self.reserved)
+        if canonical != name:
+            raise fs_error(errno.EINVAL, f"{name!r} is not how libvirtfs writes the name "
+                                         f"{libvirt_name!r}; use {canonical!r} (docs/tree.md)")
         if name in await self.children(refresh=True):
             raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
         node = self.make(None)

@@ -116,9 +116,16 @@ class ControlFile(QueryFile):
         self.last_error = ""
         self.invalidate()
 
+    async def commit(self, data: bytes) -> None:
+        raise fs_error(errno.EPERM, f"{self.path} takes one word per write(); "
+                                    f"a file cannot replace it")
+
 
 class FlagFile(QueryFile):
-    """`autostart`: 0 or 1."""
+    """`autostart`: 0 or 1, taken at write() so that `echo maybe > autostart` fails
+    visibly; a file renamed onto it works too."""
+
+    executes_writes = True
 
     def __init__(self, ctx: Context, read: Callable[[], Awaitable[bool]],
                  write: Callable[[bool], Awaitable[None]]) -> None:
@@ -131,10 +138,14 @@ class FlagFile(QueryFile):
     def writable(self) -> bool:
         return not self.ctx.read_only
 
-    async def commit(self, data: bytes) -> None:
+    async def execute(self, data: bytes) -> None:
         value = data.strip()
         if value not in (b"0", b"1"):
-            raise fs_error(errno.EINVAL, f"{self.name} takes 0 or 1, not {value[:20]!r}")
+            shown = value[:20].decode(errors="replace")
+            raise fs_error(errno.EINVAL, f"{self.name} takes 0 or 1, not {shown!r}")
         await self._write(value == b"1")
         self.last_error = ""
         self.invalidate()
+
+    async def commit(self, data: bytes) -> None:
+        await self.execute(data)

@@ -119,3 +119,20 @@ def test_volumes_on_a_real_pool(mount_factory, qemu_uri: str, tmp_path: Path) ->
     finally:
         run("virsh", "-c", qemu_uri, "pool-destroy", name, check=False)
         run("virsh", "-c", qemu_uri, "pool-undefine", name, check=False)
+
+
+def test_a_password_survives_editing_without_being_shown(
+        mount_factory, qemu_uri: str, guest_name: str) -> None:
+    mounted = mount_factory(f"lab={qemu_uri}")
+    folder = mounted.host("lab") / "domains" / guest_name
+    folder.mkdir()
+    guest = GUEST.format(name=guest_name).replace(
+        "</os>", "</os>\n  <devices><graphics type='vnc' autoport='yes' listen='127.0.0.1'"
+                 " passwd='s3cret'/></devices>")
+    write_file(folder / "xml", guest)
+    assert "s3cret" not in (folder / "xml").read_text()
+    run("sed", "-i", "s/65536/98304/g", folder / "xml")  # edit libvirt's text, write it back
+    assert "memory: 98304" in (folder / "info").read_text()
+    secure = run("virsh", "-c", qemu_uri, "dumpxml", "--inactive", "--security-info",
+                 guest_name).stdout
+    assert "passwd='s3cret'" in secure

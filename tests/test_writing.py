@@ -238,16 +238,25 @@ def test_bad_control_words_are_refused(web: Path) -> None:
     assert user_error(control) == ("resume is not possible while the domain is shutoff; "
                                    "valid now: start, start-paused, wait")
     expect_errno(errno.ETIMEDOUT, write_file, control, "wait running 0.3\n")
+    write_file(control, "wait shutoff 0\n")  # already there: no waiting needed
+    expect_errno(errno.EPERM, os.rename, _scratch(web), control)
     expect_errno(errno.EINVAL, write_file, control, "wait sideways\n")
     expect_errno(errno.EINVAL, write_file, control, "start\nstop\n")
     assert (web / "state").read_text() == "shutoff\n"
+
+
+def _scratch(folder: Path) -> Path:
+    (folder / "words.txt").write_text("start\n")
+    return folder / "words.txt"
 
 
 def test_autostart_takes_0_or_1(web: Path) -> None:
     sh(f"echo 1 > {web / 'autostart'}")
     assert (web / "autostart").read_text() == "1\n"
     assert info(web / "info")["autostart"] == "yes"
-    expect_errno(errno.EINVAL, write_file, web / "autostart", "maybe\n")
+    result = sh(f"echo maybe > {web / 'autostart'}", check=False)
+    assert result.returncode != 0 and "Invalid argument" in result.stderr
+    assert user_error(web / "autostart") == "autostart takes 0 or 1, not 'maybe'"
     assert (web / "autostart").read_text() == "1\n"
     sh(f"echo 0 > {web / 'autostart'}")
     assert (web / "autostart").read_text() == "0\n"
@@ -264,6 +273,7 @@ def test_rmdir_and_mv(web: Path) -> None:
     assert "web2" in os.listdir(domains) and "web" not in os.listdir(domains)
     assert "<name>web2</name>" in (domains / "web2" / "xml").read_text()
     expect_errno(errno.EEXIST, os.rename, domains / "web2", domains / "test")
+    assert "never replaces" in user_error(domains)
     run("rmdir", domains / "web2")
     assert "web2" not in os.listdir(domains)
 
@@ -418,6 +428,27 @@ def test_networks_by_mkdir_write_control_and_rmdir(demo: Mounted) -> None:
     sh(f"echo stop > {lab / 'control'}")
     run("rmdir", lab)
     assert os.listdir(networks) == ["default"]
+
+
+def test_names_are_written_the_way_listings_show_them(demo: Mounted) -> None:
+    domains = demo.host() / "domains"
+    expect_errno(errno.EINVAL, os.mkdir, domains / "x%41")
+    assert "use 'xA'" in user_error(domains)
+    os.mkdir(domains / "100%25")  # the escaped form of "100%"
+    write_file(domains / "100%25" / "xml", WEB.replace("<name>web</name>", ""))
+    assert "name: 100%\n" in (domains / "100%25" / "info").read_text()
+    assert "user.error" not in xattr.listxattr(str(domains))  # cleared by the success
+    assert sorted(os.listdir(domains)) == ["100%25", "test"]
+    assert run("ls", "-a", domains).stdout.split() == [".", "..", "100%25", "test"]
+
+
+def test_passwords_are_never_shown_nor_remembered(web: Path) -> None:
+    with_password = WEB.replace("</devices>", "  <graphics type='vnc' port='-1' autoport='yes'"
+                                              " passwd='s3cret'/>\n  </devices>")
+    write_file(web / "xml", with_password)
+    assert "s3cret" not in (web / "xml").read_text()
+    assert "s3cret" not in (web / "live.xml").read_text()
+    assert "<graphics type='vnc'" in (web / "xml").read_text()
 
 
 def test_names_that_are_not_utf8_are_refused(demo: Mounted) -> None:

@@ -198,6 +198,12 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         directory = self._directory(fh)
+        # `.` and `..` at offsets 1 and 2; the kernel makes no dentries of them, so they
+        # add no lookup count.
+        for offset, dot, node in ((1, b".", directory), (2, b"..", directory.parent or directory)):
+            if start_id < offset and not pyfuse3.readdir_reply(
+                    token, dot, await self.attributes(node), offset):
+                return
         children = await directory.children()
         for name, node in children.items():
             offset = node.id + _OFFSET_BASE
@@ -226,6 +232,7 @@ class Operations(pyfuse3.Operations):
         except OSError as e:
             parent.record_error(e)
             raise
+        parent.last_error = ""
         return await self._entry(node)
 
     @_fuse_errors
@@ -244,6 +251,7 @@ class Operations(pyfuse3.Operations):
         except OSError as e:
             parent.record_error(e)
             raise
+        parent.last_error = ""
 
     @_fuse_errors
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int,
@@ -254,9 +262,17 @@ class Operations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise fs_error(errno.EINVAL, "exchanging names is not supported")
         moving = (await source.children()).get(_name(name_old))
-        # The nodes record a refused rename on the file it would have replaced.
-        await source.rename(_name(name_old), target, _name(name_new),
-                            replace=not flags & pyfuse3.RENAME_NOREPLACE)
+        replaced = (await target.children()).get(_name(name_new))
+        # A refused rename is recorded on the file it would have replaced (sed -i's commit
+        # onto xml), or else on the folder it came from.
+        blamed = replaced if isinstance(replaced, File) else source
+        try:
+            await source.rename(_name(name_old), target, _name(name_new),
+                                replace=not flags & pyfuse3.RENAME_NOREPLACE)
+        except OSError as e:
+            blamed.record_error(e)
+            raise
+        blamed.last_error = ""
         if moving is not None and moving.resolve() is not moving:
             # Committed onto a served file: make the kernel look the name up again.
             pyfuse3.invalidate_entry_async(target.id, name_new, ignore_enoent=True)
@@ -295,7 +311,11 @@ class Operations(pyfuse3.Operations):
         if writing and (flags & os.O_TRUNC or node.executes_writes):
             data = b""
         else:
-            data = await node.content()
+            try:
+                data = await node.content()
+            except OSError as e:
+                node.record_error(e)  # libvirt's reason, for getfattr -n user.error
+                raise
         if writing and flags & os.O_TRUNC and node.holds_bytes:
             await node.truncate(0)
         # O_TRUNC alone commits nothing: the shell's `>` opens, dup2()s and closes before
