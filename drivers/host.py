@@ -138,11 +138,6 @@ class Host(SnapshotCalls):
         return await self.connection.call(
             lambda conn: memo.strip(_domain(conn, uuid).XMLDesc(0))[0])
 
-    async def domain_autostart(self, uuid: str) -> bool:
-        return await self.connection.call(lambda conn: bool(_domain(conn, uuid).autostart()))
-
-    # -- storage -----------------------------------------------------------------------
-
     async def list_pools(self) -> list[tuple[str, str]]:
         return await self.connection.call(
             lambda conn: [(p.UUIDString(), p.name()) for p in conn.listAllStoragePools(0)])
@@ -166,9 +161,6 @@ class Host(SnapshotCalls):
                 "autostart": bool(pool.autostart()),
             }
         return await self.connection.call(fetch)
-
-    async def pool_autostart(self, uuid: str) -> bool:
-        return await self.connection.call(lambda conn: bool(_pool(conn, uuid).autostart()))
 
     async def list_volumes(self, pool_uuid: str) -> list[str]:
         def fetch(conn: libvirt.virConnect) -> list[str]:
@@ -223,11 +215,6 @@ class Host(SnapshotCalls):
             }
         return await self.connection.call(fetch)
 
-    async def network_autostart(self, uuid: str) -> bool:
-        return await self.connection.call(lambda conn: bool(_network(conn, uuid).autostart()))
-
-    # -- definitions and actions (any kind: domain, network, pool, volume) -------------
-
     async def definition(self, kind: str, key: Key) -> bytes:
         """What `xml` shows: the bytes last written, or libvirt's persistent definition."""
         return await self.connection.call(self.definitions.show, kind, key)
@@ -246,6 +233,10 @@ class Host(SnapshotCalls):
         """Carry out one control word; the caller has checked that it exists."""
         action = CONTROL_WORDS[kind][word]
         await self.connection.call(action, key)
+
+    async def autostart(self, kind: str, key: Key) -> bool:
+        return await self.connection.call(
+            lambda conn: bool(KINDS[kind].lookup(conn, key).autostart()))
 
     async def set_autostart(self, kind: str, key: Key, value: bool) -> None:
         def apply(conn: libvirt.virConnect) -> None:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import errno
 import math
+from typing import Any
 
 import trio
 
 from libvirtfs.drivers.states import DOMAIN_STATES, DOMAIN_WORDS_BY_STATE
 from libvirtfs.nodes.base import Entry, QueryFile, fs_error
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
-from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
-from libvirtfs.nodes.writable import ControlFile, DefinitionFile, FlagFile
 
 DEFAULT_WAIT_SECONDS = 60.0
 WAIT_POLL_SECONDS = 0.1
@@ -31,39 +30,24 @@ class DomainsDirectory(CollectionDirectory):
 class DomainDirectory(ObjectDirectory):
     kind = "domain"
 
-    def served(self) -> list[Entry]:
-        host, ctx = self.host, self.ctx
-        uuid = self.key
-        assert uuid is not None
+    async def state(self) -> str:
+        return (await self.host.domain_state(self.key))[0]  # type: ignore[arg-type]
 
-        async def state() -> bytes:
-            return word((await host.domain_state(uuid))[0])
+    async def info(self) -> dict[str, Any]:
+        return await self.host.domain_info(self.key)  # type: ignore[arg-type]
 
-        async def info() -> bytes:
-            return key_values(await host.domain_info(uuid))
-
+    def extra_served(self) -> list[Entry]:
         async def live_xml() -> str:
-            return await host.domain_live_xml(uuid)
-
-        async def autostart() -> bool:
-            return await host.domain_autostart(uuid)
-
-        async def set_autostart(value: bool) -> None:
-            await host.set_autostart("domain", uuid, value)
+            return await self.host.domain_live_xml(self.key)  # type: ignore[arg-type]
 
         return [
-            Entry("state", "state", lambda: QueryFile(ctx, state)),
-            Entry("info", "info", lambda: QueryFile(ctx, info)),
-            Entry("xml", "xml", lambda: DefinitionFile(ctx, self)),
-            Entry("live.xml", "live.xml", lambda: QueryFile(ctx, live_xml)),
-            Entry("autostart", "autostart", lambda: FlagFile(ctx, autostart, set_autostart)),
-            Entry("control", "control", lambda: ControlFile(ctx, self.words, self.control)),
-            Entry("snapshots", "snapshots", lambda: SnapshotsDirectory(ctx, host, uuid)),
+            Entry("live.xml", "live.xml", lambda: QueryFile(self.ctx, live_xml)),
+            Entry("snapshots", "snapshots",
+                  lambda: SnapshotsDirectory(self.ctx, self.host, self.key)),
         ]
 
     async def words(self) -> list[str]:
-        state, _ = await self.host.domain_state(self.key)  # type: ignore[arg-type]
-        return [*DOMAIN_WORDS_BY_STATE.get(state, []), "wait"]
+        return [*DOMAIN_WORDS_BY_STATE.get(await self.state(), []), "wait"]
 
     async def control(self, word: str, arguments: list[str]) -> None:
         if word == "wait":
@@ -71,18 +55,16 @@ class DomainDirectory(ObjectDirectory):
         elif word in self.host.control_words("domain") and not arguments:
             # Checked here so that every hypervisor refuses alike (the test driver calls a
             # wrong state an internal error).
-            state, _ = await self.host.domain_state(self.key)  # type: ignore[arg-type]
+            state = await self.state()
             valid = DOMAIN_WORDS_BY_STATE.get(state, [])
             if word not in valid:
                 raise fs_error(errno.EBUSY, f"{word} is not possible while the domain is "
                                             f"{state}; valid now: {', '.join([*valid, 'wait'])}")
-            await self.host.control("domain", self.key, word)  # type: ignore[arg-type]
+            await super().control(word, arguments)
         else:
             raise fs_error(errno.EINVAL, f"unknown control word {' '.join([word, *arguments])!r}"
                                          f"; the words are: "
                                          f"{', '.join(self.host.control_words('domain'))}, wait")
-        for node in self.walk_known():
-            node.invalidate()
 
     async def wait(self, arguments: list[str]) -> None:
         """`wait STATE [SECONDS]`: return once the domain is in STATE."""
@@ -97,7 +79,7 @@ class DomainDirectory(ObjectDirectory):
         if not seconds >= 0:
             raise fs_error(errno.EINVAL, f"wait: {arguments[1]!r} is not a number of seconds")
         deadline = trio.current_time() + seconds
-        while (await self.host.domain_state(self.key))[0] != target:  # type: ignore[arg-type]
+        while await self.state() != target:
             if trio.current_time() >= deadline:
                 break
             await trio.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - trio.current_time())))

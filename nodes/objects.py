@@ -9,13 +9,14 @@ scratch files that tools create beside them.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
-from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, fs_error
+from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, QueryFile, fs_error
 from libvirtfs.nodes.names import from_filename, to_filename
-from libvirtfs.nodes.writable import DefinitionFile, ScratchFile
+from libvirtfs.nodes.render import key_values, word
+from libvirtfs.nodes.writable import ControlFile, DefinitionFile, FlagFile, ScratchFile
 
 if TYPE_CHECKING:
     from libvirtfs.drivers.host import Host
@@ -46,9 +47,57 @@ class ObjectDirectory(Directory):
     def pending(self) -> bool:
         return self.key is None
 
-    def served(self) -> list[Entry]:
-        """The files and folders of an existing object (subclasses)."""
+    # What an existing object serves: state, info, xml, autostart and control, then what
+    # its kind adds.  Subclasses say how to read state and info and which words apply.
+    async def state(self) -> str:
         raise NotImplementedError
+
+    async def info(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def words(self) -> list[str]:
+        """The control words that make sense now (reading `control`)."""
+        raise NotImplementedError
+
+    async def control(self, word: str, arguments: list[str]) -> None:
+        words = self.host.control_words(self.kind)
+        if word not in words or arguments:
+            raise fs_error(errno.EINVAL, f"unknown control word "
+                                         f"{' '.join([word, *arguments])!r}; the words are: "
+                                         f"{', '.join(words)}")
+        await self.host.control(self.kind, self.key, word)  # type: ignore[arg-type]
+        self.invalidate_all()
+
+    def invalidate_all(self) -> None:
+        for node in self.walk_known():
+            node.invalidate()
+
+    def extra_served(self) -> list[Entry]:
+        return []
+
+    def served(self) -> list[Entry]:
+        ctx, host, kind = self.ctx, self.host, self.kind
+
+        async def state() -> bytes:
+            return word(await self.state())
+
+        async def info() -> bytes:
+            return key_values(await self.info())
+
+        async def autostart() -> bool:
+            return await host.autostart(kind, self.key)  # type: ignore[arg-type]
+
+        async def set_autostart(value: bool) -> None:
+            await host.set_autostart(kind, self.key, value)  # type: ignore[arg-type]
+
+        return [
+            Entry("state", "state", lambda: QueryFile(ctx, state)),
+            Entry("info", "info", lambda: QueryFile(ctx, info)),
+            Entry("xml", "xml", lambda: DefinitionFile(ctx, self)),
+            Entry("autostart", "autostart", lambda: FlagFile(ctx, autostart, set_autostart)),
+            Entry("control", "control", lambda: ControlFile(ctx, self.words, self.control)),
+            *self.extra_served(),
+        ]
 
     async def scan(self) -> list[Entry]:
         if self.key is None:
@@ -73,8 +122,7 @@ class ObjectDirectory(Directory):
                 self.key = key
                 if isinstance(self.parent, CollectionDirectory):
                     self.parent.adopt(self)
-            for node in self.walk_known():
-                node.invalidate()
+            self.invalidate_all()
 
     # -- scratch files -----------------------------------------------------------------
 
