@@ -1,33 +1,204 @@
-"""Snapshot calls of a host (domains/<name>/snapshots/).  Mixed into `Host`."""
+"""Snapshot calls of a host (domains/<name>/snapshots/).  Mixed into `Host`.
+
+The words users write (in `user.flags`, `user.delete-flags` and `control`) are turned into
+libvirt's VIR_DOMAIN_SNAPSHOT_* flags here, from the tables below; docs/snapshots.md lists
+them, keep the two in step.  Snapshots are addressed by name within their domain (UUID).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import libvirt
 from lxml import etree
+
+from libvirtfs.drivers import xmldocs
+from libvirtfs.drivers.errors import DriverError
 
 if TYPE_CHECKING:
     from libvirtfs.drivers.connection import Connection
 
 Info = dict[str, Any]
 
+# user.flags: the words of VIR_DOMAIN_SNAPSHOT_CREATE_*, in libvirt's order.
+CREATE_FLAGS: dict[str, int] = {
+    "redefine": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE,
+    "current": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT,
+    "no-metadata": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA,
+    "halt": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_HALT,
+    "disk-only": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY,
+    "reuse-ext": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT,
+    "quiesce": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE,
+    "atomic": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
+    "live": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE,
+    "validate": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_VALIDATE,
+}
+
+# With `redefine`, mkdir does not take a snapshot: it makes a folder whose `xml` takes a
+# saved document.  Only these flags mean something for a redefinition.
+REDEFINE_FLAGS = frozenset({"redefine", "current", "validate"})
+
+# user.delete-flags: VIR_DOMAIN_SNAPSHOT_DELETE_*.
+DELETE_FLAGS: dict[str, int] = {
+    "children": libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN,
+    "metadata-only": libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY,
+    "children-only": libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY,
+}
+
+# control: the words, and the modifiers that may follow them (`revert-running force`).
+REVERT_WORDS: dict[str, int] = {
+    "revert": 0,
+    "revert-running": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING,
+    "revert-paused": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED,
+    "revert-force": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE,
+}
+REVERT_MODIFIERS: dict[str, int] = {
+    "running": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING,
+    "paused": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED,
+    "force": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE,
+}
+if hasattr(libvirt, "VIR_DOMAIN_SNAPSHOT_REVERT_RESET_NVRAM"):
+    REVERT_MODIFIERS["reset-nvram"] = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RESET_NVRAM
+
+
+def parse_words(value: bytes, table: dict[str, int], what: str) -> list[str]:
+    """A comma-separated list of words of `table`, without repeats, in the given order;
+    OSError(EINVAL) naming an unknown word."""
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        raise xmldocs.invalid(f"{what} is a comma-separated list of words") from None
+    words: list[str] = []
+    for raw in text.replace("\n", ",").split(","):
+        word = raw.strip().lower()
+        if not word:
+            continue
+        if word not in table:
+            raise xmldocs.invalid(f"unknown {what} {word!r}; the {what}s are: "
+                                  f"{', '.join(table)}")
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def bits(words: list[str], table: dict[str, int]) -> int:
+    value = 0
+    for word in words:
+        value |= table[word]
+    return value
+
+
+def parse_template(data: bytes) -> etree._Element:
+    """A `<domainsnapshot>` document, parsed by the hardened parser (EINVAL if it is not)."""
+    return xmldocs.parse(data, "domainsnapshot")
+
+
+def snapshot_document(name: str, description: str | None, template: bytes | None) -> str:
+    """The document for a new snapshot: the template (or nothing) with this name and
+    description."""
+    root = parse_template(template) if template else etree.Element("domainsnapshot")
+    name_element = root.find("name")
+    if name_element is None:
+        name_element = etree.Element("name")
+        root.insert(0, name_element)
+    name_element.text = name
+    if description is not None:
+        element = root.find("description")
+        if element is None:
+            element = etree.Element("description")
+            name_element.addnext(element)
+        element.text = description
+    return etree.tostring(root, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a listing needs of one snapshot."""
+
+    name: str
+    parent: str | None
+    created: int       # creationTime, seconds since the epoch
+
+
+@dataclass(frozen=True)
+class Listing:
+    snapshots: list[Summary]
+    current: str | None
+
 
 def _snapshot(conn: libvirt.virConnect, uuid: str, name: str) -> libvirt.virDomainSnapshot:
     return conn.lookupByUUIDString(uuid).snapshotLookupByName(name, 0)
 
 
-def _safe_parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                           huge_tree=False)
+def _document(snap: libvirt.virDomainSnapshot) -> etree._Element:
+    return xmldocs.parse(snap.getXMLDesc(0).encode(), "domainsnapshot")
+
+
+def _exists(dom: libvirt.virDomain, name: str) -> bool:
+    try:
+        dom.snapshotLookupByName(name, 0)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            return False
+        raise
+    return True
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """libvirt's refusals of snapshot operations, with the errno that fits them."""
+    try:
+        yield
+    except libvirt.libvirtError as e:
+        code = e.get_error_code()
+        message = e.get_error_message() or str(e)
+        if code == libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
+            raise DriverError(errno.EOPNOTSUPP, message, code) from None
+        # A system error carries the errno libvirt met (a missing file for reuse-ext).
+        system_errno = e.err[7] if isinstance(e.err, tuple) and len(e.err) > 7 else None
+        if (code == libvirt.VIR_ERR_SYSTEM_ERROR and isinstance(system_errno, int)
+                and system_errno in errno.errorcode):
+            raise DriverError(system_errno, message, code) from None
+        raise  # Connection.call maps it through drivers/errors.py
+
+
+def _location(element: etree._Element | None) -> str:
+    """`internal`, `no`, `external /path` ... for a <memory> or <disk> of a snapshot."""
+    if element is None:
+        return "no"
+    kind = element.get("snapshot") or "default"
+    where = element.get("file")
+    source = element.find("source")
+    if not where and source is not None:
+        where = source.get("file") or source.get("dev") or source.get("name")
+    return f"{kind} {where}" if where else kind
 
 
 class SnapshotCalls:
     connection: Connection
 
+    # -- reading -----------------------------------------------------------------------
+
     async def list_snapshots(self, uuid: str) -> list[str]:
         return await self.connection.call(
             lambda conn: [s.getName() for s in conn.lookupByUUIDString(uuid).listAllSnapshots(0)])
+
+    async def snapshot_listing(self, uuid: str) -> Listing:
+        """Every snapshot with metadata, its parent and creation time, and the current one."""
+        def fetch(conn: libvirt.virConnect) -> Listing:
+            dom = conn.lookupByUUIDString(uuid)
+            summaries = []
+            for snap in dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL):
+                doc = _document(snap)
+                summaries.append(Summary(snap.getName(), doc.findtext("parent/name"),
+                                         int(doc.findtext("creationTime") or 0)))
+            current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
+            return Listing(summaries, current)
+        return await self.connection.call(fetch)
 
     async def current_snapshot(self, uuid: str) -> str | None:
         def fetch(conn: libvirt.virConnect) -> str | None:
@@ -53,20 +224,68 @@ class SnapshotCalls:
     async def snapshot_info(self, uuid: str, name: str) -> Info:
         def fetch(conn: libvirt.virConnect) -> Info:
             snap = _snapshot(conn, uuid, name)
-            doc = etree.fromstring(snap.getXMLDesc(0).encode(), _safe_parser())
-            memory = doc.find("memory")
-            disks = [f"{d.get('name')}={d.get('snapshot', 'default')}"
-                     for d in doc.findall("disks/disk")]
-            return {
+            doc = _document(snap)
+            info: Info = {
                 "name": snap.getName(),
-                "description": doc.findtext("description") or "",
+                "description": (doc.findtext("description") or "").replace("\n", " "),
                 "creation-time": int(doc.findtext("creationTime") or 0),
                 "state": doc.findtext("state") or "nostate",
                 "parent": doc.findtext("parent/name") or "",
                 "children": snap.numChildren(0),
+                "descendants": snap.numChildren(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_DESCENDANTS),
                 "current": bool(snap.isCurrent(0)),
-                "metadata": bool(snap.hasMetadata(0)),
-                "memory": memory.get("snapshot", "") if memory is not None else "",
-                "disks": " ".join(disks),
+                "has-metadata": bool(snap.hasMetadata(0)),
+                "memory": _location(doc.find("memory")),
             }
+            for disk in doc.findall("disks/disk"):
+                info[f"disk-{disk.get('name')}"] = _location(disk)
+            return info
         return await self.connection.call(fetch)
+
+    # -- changing ----------------------------------------------------------------------
+
+    async def create_snapshot(self, uuid: str, name: str, flags: list[str],
+                              description: str | None, template: bytes | None) -> None:
+        """Take a snapshot named `name` (mkdir).  EEXIST if the name is taken; libvirt's
+        refusal otherwise, and then nothing was made."""
+        document = snapshot_document(name, description, template)
+        value = bits(flags, CREATE_FLAGS)
+
+        def create(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByUUIDString(uuid)
+            if "redefine" not in flags and _exists(dom, name):
+                raise DriverError(errno.EEXIST, f"domain {dom.name()!r} has a snapshot named "
+                                                f"{name!r} already")
+            with _refusals():
+                dom.snapshotCreateXML(document, value)
+        await self.connection.call(create)
+
+    async def redefine_snapshot(self, uuid: str, name: str, data: bytes,
+                                flags: list[str]) -> None:
+        """Write a saved `<domainsnapshot>` document back as the metadata of `name`
+        (VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE, with `current` and `validate` if given)."""
+        root = parse_template(data)
+        xmldocs.check_name(root, name, "snapshot")
+        document = etree.tostring(root, encoding="unicode")
+        value = CREATE_FLAGS["redefine"] | bits([f for f in flags if f in REDEFINE_FLAGS],
+                                                CREATE_FLAGS)
+
+        def redefine(conn: libvirt.virConnect) -> None:
+            with _refusals():
+                conn.lookupByUUIDString(uuid).snapshotCreateXML(document, value)
+        await self.connection.call(redefine)
+
+    async def delete_snapshot(self, uuid: str, name: str, flags: list[str]) -> None:
+        def delete(conn: libvirt.virConnect) -> None:
+            snap = _snapshot(conn, uuid, name)
+            with _refusals():
+                snap.delete(bits(flags, DELETE_FLAGS))
+        await self.connection.call(delete)
+
+    async def revert_snapshot(self, uuid: str, name: str, flags: int) -> None:
+        def revert(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByUUIDString(uuid)
+            snap = dom.snapshotLookupByName(name, 0)
+            with _refusals():
+                dom.revertToSnapshot(snap, flags)
+        await self.connection.call(revert)

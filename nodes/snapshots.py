@@ -1,17 +1,47 @@
-"""domains/<name>/snapshots/: one folder per snapshot, and `current`."""
+"""domains/<name>/snapshots/: one folder per snapshot, `current`, and the settings of mkdir.
+
+`mkdir snapshots/NAME` takes a snapshot, with the flags, description and template held
+as extended attributes of `snapshots/` (`user.flags`, `user.description`, `user.template`);
+`rmdir` deletes one, as `user.delete-flags` says.  These settings live in memory, in this
+node, for as long as the mount shows the domain.  With `redefine` among the flags, mkdir
+makes a pending folder instead, whose `xml` takes a saved document (see docs/snapshots.md).
+
+A snapshot folder's mtime is the snapshot's creation time, so `ls -lt` sorts by age.  The
+`current` and `parent` links are nodes that keep their identity and change their target,
+so a `readlink` right after a change already sees the new target.
+"""
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
-from libvirtfs.nodes.base import Context, Directory, Entry, QueryFile, Symlink
-from libvirtfs.nodes.names import to_filename
+from libvirtfs.drivers.snapshots import (
+    CREATE_FLAGS,
+    DELETE_FLAGS,
+    REDEFINE_FLAGS,
+    REVERT_MODIFIERS,
+    REVERT_WORDS,
+    Summary,
+    parse_template,
+    parse_words,
+    snapshot_document,
+)
+from libvirtfs.nodes.base import Context, Directory, Entry, Node, QueryFile, Symlink, fs_error
+from libvirtfs.nodes.names import from_filename, to_filename
+from libvirtfs.nodes.objects import ObjectDirectory
 from libvirtfs.nodes.render import key_values, word
+from libvirtfs.nodes.writable import ControlFile, DefinitionFile
 
 if TYPE_CHECKING:
     from libvirtfs.drivers.host import Host
 
 CURRENT = "current"
+FLAGS = "user.flags"
+DESCRIPTION = "user.description"
+TEMPLATE = "user.template"
+DELETE = "user.delete-flags"
+SETTINGS = (FLAGS, DESCRIPTION, TEMPLATE, DELETE)
 
 
 class SnapshotsDirectory(Directory):
@@ -21,42 +51,219 @@ class SnapshotsDirectory(Directory):
         super().__init__(ctx)
         self.host = host
         self.domain_uuid = domain_uuid
+        self.settings: dict[str, bytes] = {}
+        self._summaries: dict[str, Summary] = {}
+        self._current: str | None = None
+        self._current_link: Symlink | None = None
+        self._pending: dict[str, SnapshotDirectory] = {}
+
+    def permissions(self) -> int:
+        return 0o555 if self.ctx.read_only else 0o755
+
+    # -- listing -----------------------------------------------------------------------
 
     async def scan(self) -> list[Entry]:
-        names = await self.host.list_snapshots(self.domain_uuid)
-        entries = [Entry(("snapshot", name), name,
-                         lambda name=name: SnapshotDirectory(self.ctx, self.host,
-                                                             self.domain_uuid, name))
-                   for name in names]
-        current = await self.host.current_snapshot(self.domain_uuid) if names else None
-        if current is not None:
-            target = to_filename(current, self.reserved)
-            entries.append(Entry(("current", target), CURRENT,
-                                 lambda: Symlink(self.ctx, target)))
-        return entries
+        listing = await self.host.snapshot_listing(self.domain_uuid)
+        self._summaries = {summary.name: summary for summary in listing.snapshots}
+        self._current = listing.current
+        return [Entry(("snapshot", name), name,
+                      lambda name=name: SnapshotDirectory(self.ctx, self, name))
+                for name in self._summaries]
 
     def _adopt(self, entries: list[Entry]) -> None:
-        # `current` is reserved for the link, so it must not be escaped like a snapshot name.
         super()._adopt(entries)
-        for key, node in self._by_key.items():
-            if isinstance(key, tuple) and key[0] == "current":
-                del self._by_name[node.name]
-                node.name = CURRENT
-                self._by_name[CURRENT] = node
+        for node in self._by_name.values():
+            if isinstance(node, SnapshotDirectory):
+                node.update(self._summaries.get(node.snapshot))
+        if self._current is None:
+            self._current_link = None
+            return
+        target = to_filename(self._current, self.reserved)
+        if self._current_link is None:
+            self._current_link = Symlink(self.ctx, target)
+            self._current_link.parent, self._current_link.name = self, CURRENT
+        elif self._current_link.target != target:
+            self._current_link.target = target
+            self._current_link.touch()
+
+    def extra_children(self) -> dict[str, Node]:
+        extra: dict[str, Node] = {name: node for name, node in self._pending.items()
+                                  if name not in self._by_name}
+        if self._current_link is not None:
+            extra[CURRENT] = self._current_link
+        return extra
+
+    def summary(self, name: str) -> Summary | None:
+        return self._summaries.get(name)
+
+    async def refresh_after_change(self, *, domain: bool) -> None:
+        """Something we did changed snapshots (and the domain, if `domain`): forget what
+        was rendered, and list again now, so links and mtimes are right at once."""
+        top: Node = self.parent if domain and self.parent is not None else self
+        for node in top.walk_known():
+            node.invalidate()
+        await self.children(refresh=True)
+
+    # -- settings (extended attributes) ------------------------------------------------
+
+    def words(self, name: str) -> list[str]:
+        table = CREATE_FLAGS if name == FLAGS else DELETE_FLAGS
+        return parse_words(self.settings.get(name, b""), table, "flag")
+
+    def description(self) -> str | None:
+        value = self.settings.get(DESCRIPTION)
+        return value.decode() if value is not None else None
+
+    async def xattrs(self) -> dict[str, bytes]:
+        return {**self.settings, **await super().xattrs()}
+
+    async def set_xattr(self, name: str, value: bytes) -> None:
+        if name not in SETTINGS:
+            await super().set_xattr(name, value)
+            return
+        if name == FLAGS:
+            words = parse_words(value, CREATE_FLAGS, "flag")
+            if "redefine" in words and not set(words) <= REDEFINE_FLAGS:
+                raise fs_error(errno.EINVAL, "redefine makes mkdir wait for a saved document "
+                                             "instead of taking a snapshot; it goes only with "
+                                             f"{', '.join(sorted(REDEFINE_FLAGS - {'redefine'}))}")
+            value = ",".join(words).encode()
+        elif name == DELETE:
+            value = ",".join(parse_words(value, DELETE_FLAGS, "delete flag")).encode()
+        elif name == DESCRIPTION:
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                raise fs_error(errno.EINVAL, "the description must be UTF-8 text") from None
+        elif value.strip():
+            parse_template(value)
+        if value.strip():
+            self.settings[name] = value
+        else:
+            self.settings.pop(name, None)  # an empty value is the default, as removing is
+
+    async def remove_xattr(self, name: str) -> None:
+        if self.settings.pop(name, None) is None:
+            await super().remove_xattr(name)
+
+    # -- mkdir, rmdir, mv --------------------------------------------------------------
+
+    async def mkdir(self, name: str) -> Directory:
+        try:
+            snapshot = from_filename(name)
+            snapshot.encode()
+        except UnicodeEncodeError:
+            raise fs_error(errno.EINVAL, f"{name!r}: libvirt names are UTF-8 text") from None
+        canonical = to_filename(snapshot, self.reserved)
+        if canonical != name:
+            why = (f"{name!r} is the link to the current snapshot" if name == CURRENT
+                   else f"{name!r} is not how libvirtfs writes a snapshot name")
+            raise fs_error(errno.EINVAL, f"{why}; `mkdir {canonical}` makes a snapshot "
+                                         f"named {snapshot!r}")
+        if name in self._pending:
+            raise fs_error(errno.EEXIST, f"{self.path}/{name} exists (waiting for its xml)")
+        flags = self.words(FLAGS)
+        description = self.description()
+        template = self.settings.get(TEMPLATE)
+        if "redefine" in flags and template is None:
+            if name in await self.children(refresh=True):
+                raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
+            node = SnapshotDirectory(self.ctx, self, snapshot, pending=True)
+            node.parent, node.name = self, name
+            self._pending[name] = node
+            self.touch()
+            self.last_error = ""
+            return node
+        if "redefine" in flags:
+            document = snapshot_document(snapshot, description, template).encode()
+            await self.host.redefine_snapshot(self.domain_uuid, snapshot, document, flags)
+        else:
+            await self.host.create_snapshot(self.domain_uuid, snapshot, flags, description,
+                                            template)
+        self.last_error = ""
+        await self.refresh_after_change(domain=True)
+        made = self._by_name.get(name)
+        if isinstance(made, SnapshotDirectory):
+            return made
+        # no-metadata: the snapshot was taken, but libvirt keeps no record of it, so it
+        # has no folder; mkdir still gets a folder, which vanishes at the next lookup.
+        gone = SnapshotDirectory(self.ctx, self, snapshot, metadata=False)
+        gone.parent, gone.name = self, name
+        return gone
+
+    async def remove(self, name: str, *, directory: bool) -> None:
+        if name in self._pending:
+            del self._pending[name]
+            self.touch()
+            return
+        node = await self.lookup(name)
+        if not isinstance(node, SnapshotDirectory):
+            raise fs_error(errno.EPERM, f"{node.path} is a link libvirtfs keeps; it goes "
+                                        f"when there is no current snapshot")
+        await self.host.delete_snapshot(self.domain_uuid, node.snapshot, self.words(DELETE))
+        self.last_error = ""
+        await self.refresh_after_change(domain=False)
+
+    async def rename(self, name: str, target: Directory, new_name: str, *,
+                     replace: bool = True) -> None:
+        raise fs_error(errno.EPERM, "libvirt cannot rename a snapshot")
+
+    def adopt(self, node: SnapshotDirectory) -> None:
+        """A pending folder was redefined: it keeps its node (and inode)."""
+        self._pending.pop(node.name, None)
+        self._by_key[("snapshot", node.snapshot)] = node
 
 
-class SnapshotDirectory(Directory):
-    def __init__(self, ctx: Context, host: Host, domain_uuid: str, name: str) -> None:
-        super().__init__(ctx)
-        self.host = host
-        self.domain_uuid = domain_uuid
+class SnapshotDirectory(ObjectDirectory):
+    """snapshots/<name>/.  `pending`: made by mkdir with `redefine`, waiting for its xml.
+    Without `metadata` (made by mkdir with `no-metadata`) it has nothing to show.  As in
+    any object's folder, tools may make scratch files here (sed -i, editors)."""
+
+    kind = "snapshot"
+
+    def __init__(self, ctx: Context, snapshots: SnapshotsDirectory, name: str, *,
+                 pending: bool = False, metadata: bool = True) -> None:
+        super().__init__(ctx, snapshots.host, None if pending else name,
+                         parent_key=snapshots.domain_uuid)
+        self.snapshots = snapshots
+        self.domain_uuid = snapshots.domain_uuid
         self.snapshot = name
+        self.metadata = metadata
+        self._parent_link: Symlink | None = None
+
+    def touch(self) -> None:
+        if self.pending:  # an existing snapshot's folder keeps its creation time
+            super().touch()
+
+    def update(self, summary: Summary | None) -> None:
+        """The listing of snapshots/ says this about us (None: we are gone)."""
+        if summary is None:
+            return
+        if summary.created:
+            self.mtime = self.ctime = float(summary.created)
+        if summary.parent is None:
+            self._parent_link = None
+            return
+        target = "../" + to_filename(summary.parent, SnapshotsDirectory.reserved)
+        if self._parent_link is None:
+            self._parent_link = Symlink(self.ctx, target)
+            self._parent_link.parent, self._parent_link.name = self, "parent"
+        elif self._parent_link.target != target:
+            self._parent_link.target = target
+            self._parent_link.touch()
 
     async def scan(self) -> list[Entry]:
-        host, uuid, snap, ctx = self.host, self.domain_uuid, self.snapshot, self.ctx
-
-        async def xml() -> str:
-            return await host.snapshot_xml(uuid, snap)
+        if not self.metadata:
+            raise fs_error(errno.ENOENT, f"snapshot {self.snapshot!r} was taken with "
+                                         f"no-metadata: libvirt keeps no record of it")
+        ctx = self.ctx
+        xml = Entry("xml", "xml", lambda: DefinitionFile(ctx, self))
+        if self.pending:
+            return [xml]
+        await self.snapshots.children()  # our parent link and mtime come from the listing
+        if self.snapshots.summary(self.snapshot) is None:
+            raise fs_error(errno.ENOENT, f"snapshot {self.snapshot!r} does not exist")
+        host, uuid, snap = self.host, self.domain_uuid, self.snapshot
 
         async def info() -> bytes:
             return key_values(await host.snapshot_info(uuid, snap))
@@ -64,13 +271,51 @@ class SnapshotDirectory(Directory):
         async def state() -> bytes:
             return word((await host.snapshot_info(uuid, snap))["state"])
 
-        entries = [
-            Entry("xml", "xml", lambda: QueryFile(ctx, xml)),
+        async def words() -> list[str]:
+            return list(REVERT_WORDS)
+
+        return [
+            xml,
             Entry("state", "state", lambda: QueryFile(ctx, state)),
             Entry("info", "info", lambda: QueryFile(ctx, info)),
+            Entry("control", "control", lambda: ControlFile(ctx, words, self.control)),
         ]
-        parent = await host.snapshot_parent(uuid, snap)
-        if parent is not None:
-            target = "../" + to_filename(parent, SnapshotsDirectory.reserved)
-            entries.append(Entry(("parent", target), "parent", lambda: Symlink(ctx, target)))
-        return entries
+
+    def extra_children(self) -> dict[str, Node]:
+        extra = super().extra_children()
+        if self._parent_link is not None:
+            extra["parent"] = self._parent_link
+        return extra
+
+    # -- xml: what DefinitionFile shows and commits --------------------------------------
+
+    async def definition(self) -> bytes:
+        if self.pending:
+            return b""
+        return (await self.host.snapshot_xml(self.domain_uuid, self.snapshot)).encode()
+
+    async def define(self, data: bytes) -> None:
+        """A whole `<domainsnapshot>` document written to `xml` redefines the snapshot's
+        metadata (VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)."""
+        async with self._define_lock:
+            await self.host.redefine_snapshot(self.domain_uuid, self.snapshot, data,
+                                              self.snapshots.words(FLAGS))
+            if self.pending:
+                self.key = self.snapshot
+                self.snapshots.adopt(self)
+                self.ctx.changed(self)  # its mtime becomes the snapshot's creation time
+            self.invalidate()
+            await self.snapshots.refresh_after_change(domain=False)
+
+    async def control(self, command: str, arguments: list[str]) -> None:
+        unknown = [a for a in arguments if a not in REVERT_MODIFIERS]
+        if command not in REVERT_WORDS or unknown:
+            raise fs_error(errno.EINVAL, f"unknown control word "
+                                         f"{' '.join([command, *arguments])!r}; the words are "
+                                         f"{', '.join(REVERT_WORDS)}, optionally followed by "
+                                         f"{', '.join(REVERT_MODIFIERS)}")
+        flags = REVERT_WORDS[command]
+        for argument in arguments:
+            flags |= REVERT_MODIFIERS[argument]
+        await self.host.revert_snapshot(self.domain_uuid, self.snapshot, flags)
+        await self.snapshots.refresh_after_change(domain=True)
