@@ -76,4 +76,6 @@ def from_libvirt(error: libvirt.libvirtError) -> DriverError:
     err = errno_for_code(code)
     if code == libvirt.VIR_ERR_INVALID_ARG and "unsupported flags" in message:
         err = errno.EOPNOTSUPP  # libvirt's virCheckFlags: this hypervisor lacks the feature
+    elif code == libvirt.VIR_ERR_SYSTEM_ERROR and error.err and error.err[7] in errno.errorcode:
+        err = error.err[7]  # libvirt carries the system call's own errno
     return DriverError(err, message, code)
