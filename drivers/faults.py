@@ -53,8 +53,11 @@ class FaultRules:
         with open(self.path) as f:
             for line in f:
                 words = line.split()
-                if len(words) >= 2:
+                try:
                     value = float(words[2]) if len(words) > 2 else 0.0
+                except ValueError:
+                    continue  # a rule being written, or a typo: no fault
+                if len(words) >= 2:
                     rules[words[0]] = Fault(words[1], value)
         self._rules, self._stamp = rules, stamp
 

@@ -92,7 +92,8 @@ class LocalStore:
 
     def put(self, host_uuid: str, kind: str, key: str, written: Written) -> None:
         path = self._path(host_uuid, kind, key)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(self.root)
+        private_folder(path.parent)
         temporary = path.with_suffix(".tmp")
         record = json.dumps({"digest": written.digest,
                              "data": base64.b64encode(written.data).decode()})
@@ -105,6 +106,14 @@ class LocalStore:
     def forget(self, host_uuid: str, kind: str, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(host_uuid, kind, key).unlink()
+
+
+def private_folder(path: Path) -> Path:
+    """`path`, made if needed, readable by the mounting user only: remembered definitions
+    and the log may name paths, addresses and hosts."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 def default_state_dir() -> Path:

@@ -16,7 +16,7 @@ import sys
 
 import trio
 
-from libvirtfs.drivers.memo import default_state_dir
+from libvirtfs.drivers.memo import default_state_dir, private_folder
 from libvirtfs.mount.options import MountOptions, OptionError
 from libvirtfs.mount.serve import StartupError, parse_host, serve
 
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log every filesystem operation (implies nothing else)")
     parser.add_argument("--log-file", metavar="PATH",
                         help="write the log here (default: standard error in the "
-                             "foreground; in the background syslog, or "
-                             "/var/lib/libvirtfs/libvirtfs.log without one)")
+                             "foreground; in the background syslog, or libvirtfs.log in the "
+                             "state folder without one: see docs/mount.md)")
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -60,9 +60,9 @@ def setup_logging(args: argparse.Namespace, background: bool) -> None:
     elif background and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler("/dev/log")
     elif background:
-        state_dir = default_state_dir()
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handler = logging.FileHandler(state_dir / "libvirtfs.log")
+        path = private_folder(default_state_dir()) / "libvirtfs.log"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        handler = logging.FileHandler(path)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(

@@ -333,6 +333,7 @@ class Operations(pyfuse3.Operations):
         except OSError as e:
             parent.record_error(e)
             raise
+        parent.last_error = ""
         attrs = await self._entry(node)
         handle = Handle(node, bytearray(), writing=True)
         info = pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
