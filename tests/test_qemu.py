@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import xattr
-from conftest import run, sh
+from conftest import eventually, run, sh
 
 pytestmark = pytest.mark.qemu
 
@@ -136,3 +136,25 @@ def test_a_password_survives_editing_without_being_shown(
     secure = run("virsh", "-c", qemu_uri, "dumpxml", "--inactive", "--security-info",
                  guest_name).stdout
     assert "passwd='s3cret'" in secure
+
+
+def test_libvirt_events_refresh_the_tree_before_the_cache_runs_out(
+        mount_factory, qemu_uri: str, guest_name: str) -> None:
+    # With an hour-long cache, only libvirt's events can tell the mount about changes.
+    mounted = mount_factory(f"lab={qemu_uri}", options="cache_timeout=3600")
+    domains = mounted.host("lab") / "domains"
+    assert guest_name not in os.listdir(domains)
+    guest = Path(mounted.path.parent / "guest.xml")
+    guest.write_text(GUEST.format(name=guest_name))
+    run("virsh", "-c", qemu_uri, "define", guest)
+    eventually(lambda: _assert(guest_name in os.listdir(domains)), timeout=3)
+    state = domains / guest_name / "state"
+    assert state.read_text() == "shutoff\n"
+    run("virsh", "-c", qemu_uri, "start", guest_name)
+    eventually(lambda: _assert(state.read_text() == "running\n"), timeout=3)
+    run("virsh", "-c", qemu_uri, "suspend", guest_name)
+    eventually(lambda: _assert(state.read_text() == "paused\n"), timeout=3)
+
+
+def _assert(condition: bool) -> None:
+    assert condition
