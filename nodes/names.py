@@ -8,6 +8,7 @@ maps to exactly one file name and back.  A few folders also reserve names of the
 
 from __future__ import annotations
 
+import errno
 import re
 
 _UNSAFE = re.compile(r"[%/\x00]")
@@ -32,3 +33,19 @@ def from_filename(filename: str) -> str:
     """The object name a user means by `filename` (inverse of `to_filename`)."""
     raw = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), filename.encode())
     return raw.decode("utf-8", errors="surrogateescape")
+
+
+def name_for_new_object(filename: str, reserved: frozenset[str] = frozenset()) -> str:
+    """The libvirt name a `mkdir FILENAME` asks for.  Only the form listings show is taken
+    (`x%41` would make `xA`, shown as `xA`: a surprise), and libvirt names are UTF-8."""
+    try:
+        name = from_filename(filename)
+        name.encode()
+    except UnicodeEncodeError:
+        raise OSError(errno.EINVAL, f"{filename!r}: libvirt names are UTF-8 text") from None
+    canonical = to_filename(name, reserved)
+    if canonical != filename:
+        why = (f"{filename!r} is a name libvirtfs keeps for itself" if filename in reserved
+               else f"{filename!r} is not how libvirtfs writes the name {name!r}")
+        raise OSError(errno.EINVAL, f"{why}; use {canonical!r} (docs/tree.md)")
+    return name

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import trio
 
 from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, QueryFile, fs_error
-from libvirtfs.nodes.names import from_filename, to_filename
+from libvirtfs.nodes.names import from_filename, name_for_new_object
 from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.writable import ControlFile, DefinitionFile, FlagFile, ScratchFile
 
@@ -211,15 +211,7 @@ class CollectionDirectory(Directory):
         self.invalidate()
 
     async def mkdir(self, name: str) -> Directory:
-        try:
-            libvirt_name = from_filename(name)
-            libvirt_name.encode()
-        except UnicodeEncodeError:
-            raise fs_error(errno.EINVAL, f"{name!r}: libvirt names are UTF-8 text") from None
-        canonical = to_filename(libvirt_name, self.reserved)
-        if canonical != name:
-            raise fs_error(errno.EINVAL, f"{name!r} is not how libvirtfs writes the name "
-                                         f"{libvirt_name!r}; use {canonical!r} (docs/tree.md)")
+        name_for_new_object(name, self.reserved)
         if name in await self.children(refresh=True):
             raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
         node = self.make(None)
@@ -255,6 +247,7 @@ class CollectionDirectory(Directory):
             node.name = new_name
             self._pending[new_name] = node
         else:
-            await self.host.rename(self.kind, node.key, from_filename(new_name))
+            await self.host.rename(self.kind, node.key,
+                                   name_for_new_object(new_name, self.reserved))
             self.invalidate()
         self.touch()

@@ -28,7 +28,7 @@ from libvirtfs.drivers.snapshots import (
     snapshot_document,
 )
 from libvirtfs.nodes.base import Context, Directory, Entry, Node, QueryFile, Symlink, fs_error
-from libvirtfs.nodes.names import from_filename, to_filename
+from libvirtfs.nodes.names import name_for_new_object, to_filename
 from libvirtfs.nodes.objects import ObjectDirectory
 from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.writable import ControlFile, DefinitionFile
@@ -149,17 +149,7 @@ class SnapshotsDirectory(Directory):
     # -- mkdir, rmdir, mv --------------------------------------------------------------
 
     async def mkdir(self, name: str) -> Directory:
-        try:
-            snapshot = from_filename(name)
-            snapshot.encode()
-        except UnicodeEncodeError:
-            raise fs_error(errno.EINVAL, f"{name!r}: libvirt names are UTF-8 text") from None
-        canonical = to_filename(snapshot, self.reserved)
-        if canonical != name:
-            why = (f"{name!r} is the link to the current snapshot" if name == CURRENT
-                   else f"{name!r} is not how libvirtfs writes a snapshot name")
-            raise fs_error(errno.EINVAL, f"{why}; `mkdir {canonical}` makes a snapshot "
-                                         f"named {snapshot!r}")
+        snapshot = name_for_new_object(name, self.reserved)
         if name in self._pending:
             raise fs_error(errno.EEXIST, f"{self.path}/{name} exists (waiting for its xml)")
         flags = self.words(FLAGS)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xattr
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -33,6 +34,31 @@ def sh(script: str, *, check: bool = True, cwd: str | os.PathLike | None = None,
     """Run a line of shell, as typed at a prompt."""
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=check,
                           cwd=cwd, timeout=timeout)
+
+
+def info(path: Path) -> dict[str, str]:
+    """An `info` file's `key: value` lines."""
+    return dict(line.split(": ", 1) for line in path.read_text().splitlines())
+
+
+def user_error(path: Path) -> str:
+    """`getfattr -n user.error PATH`: why the last change of PATH was refused."""
+    return xattr.getxattr(str(path), "user.error").decode()
+
+
+def write_file(path: Path, data: str | bytes) -> None:
+    """Python file I/O: errors surface at close()."""
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(path, mode) as f:
+        f.write(data)
+
+
+def expect_errno(err: int, fn, *args) -> OSError:
+    """Call fn(*args), which must fail with errno `err`."""
+    with pytest.raises(OSError) as caught:
+        fn(*args)
+    assert caught.value.errno == err, caught.value
+    return caught.value
 
 
 def eventually(check, timeout: float = 5.0):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import xattr
-from conftest import eventually, run, sh
+from conftest import eventually, run, sh, write_file
 
 pytestmark = pytest.mark.qemu
 
@@ -30,9 +30,6 @@ def guest_name(qemu_uri: str):
     run("virsh", "-c", qemu_uri, "undefine", "--managed-save", name, check=False)
 
 
-def write_file(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def test_read_your_writes_survives_unmount_and_a_second_mount(

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import xattr
-from conftest import Mounted, run, sh
+from conftest import Mounted, info, run, sh, user_error
 
 QEMU_URI = os.environ.get("LIBVIRTFS_QEMU_URI", "")
 
@@ -49,12 +48,8 @@ def virsh(*args: str, check: bool = True) -> str:
     return run("virsh", "-c", QEMU_URI, *args, check=check).stdout
 
 
-def info(path: Path) -> dict[str, str]:
-    return dict(line.split(": ", 1) for line in path.read_text().splitlines())
 
 
-def user_error(path: Path) -> str:
-    return xattr.getxattr(str(path), "user.error").decode()
 
 
 def image(path: Path) -> dict:

@@ -14,20 +14,12 @@ from pathlib import Path
 
 import pytest
 import xattr
-from conftest import Mounted, run, sh
+from conftest import Mounted, expect_errno, info, run, sh, user_error
 
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.host import Host
 from libvirtfs.nodes.base import Context
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
-
-
-def info(path: Path) -> dict[str, str]:
-    return dict(line.split(": ", 1) for line in path.read_text().splitlines())
-
-
-def user_error(path: Path) -> str:
-    return xattr.getxattr(str(path), "user.error").decode()
 
 
 def attributes(path: Path) -> dict[str, str]:
@@ -37,11 +29,6 @@ def attributes(path: Path) -> dict[str, str]:
             (line.split("=", 1) for line in out.splitlines() if "=" in line)}
 
 
-def expect_errno(err: int, fn, *args) -> OSError:
-    with pytest.raises(OSError) as caught:
-        fn(*args)
-    assert caught.value.errno == err, caught.value
-    return caught.value
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import xattr
-from conftest import Mounted, run, sh
+from conftest import Mounted, expect_errno, info, run, sh, user_error, write_file
 
 WEB = """<domain type='test'>
   <name>web</name>
@@ -24,26 +24,12 @@ WEB = """<domain type='test'>
 """
 
 
-def info(path: Path) -> dict[str, str]:
-    return dict(line.split(": ", 1) for line in path.read_text().splitlines())
 
 
-def user_error(path: Path) -> str:
-    return xattr.getxattr(str(path), "user.error").decode()
 
 
-def write_file(path: Path, data: str | bytes) -> None:
-    """Python file I/O: errors surface at close()."""
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(path, mode) as f:
-        f.write(data)
 
 
-def expect_errno(err: int, fn, *args) -> OSError:
-    with pytest.raises(OSError) as caught:
-        fn(*args)
-    assert caught.value.errno == err, caught.value
-    return caught.value
 
 
 @pytest.fixture
