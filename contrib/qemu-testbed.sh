@@ -247,6 +247,10 @@ cmd_start_second() {
         # shellcheck disable=SC2016  # $1..$3 expand inside the namespace
         unshare --mount --uts --propagation private --fork -- /bin/sh -ec '
             hostname "$1"
+            # The namespace starts as a copy of ours, FUSE mounts included; holding
+            # them would keep them alive after fusermount3 -u out here.
+            awk '"'"'$3 ~ /^fuse/ {print $2}'"'"' /proc/mounts | while read -r m; do
+                umount -l "$m" || true; done
             mkdir -p /var/cache/libvirt
             mount --bind "$2/run"   /run/libvirt
             mount --bind "$2/lib"   /var/lib/libvirt
@@ -293,6 +297,13 @@ stop_guests_under() {
     done
 }
 
+cmd_stop_second() {
+    mkdir -p "$RUN_DIR"
+    stop_pid "$SECOND_PIDFILE" libvirtd
+    stop_guests_under "$SECOND_DIR/run/qemu"
+    echo "stopped"
+}
+
 cmd_stop() {
     mkdir -p "$RUN_DIR"
     stop_pid "$SECOND_PIDFILE" libvirtd
@@ -332,6 +343,7 @@ case "${1:-}" in
     start)        cmd_start ;;
     start-second) cmd_start_second ;;
     stop)         cmd_stop ;;
+    stop-second)  cmd_stop_second ;;
     status)       cmd_status ;;
-    *)            die "usage: $0 install|start|start-second|stop|status" ;;
+    *)            die "usage: $0 install|start|start-second|stop-second|stop|status" ;;
 esac

@@ -71,7 +71,10 @@ class Connection:
             try:
                 conn = libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
             except libvirt.libvirtError as e:
-                raise from_libvirt(e) from None
+                # However libvirt words it (a missing socket reads as ENOENT), the host
+                # cannot be reached: the objects under it are not known to be gone.
+                error = from_libvirt(e)
+                raise DriverError(errno.ENOTCONN, error.strerror, error.libvirt_code) from None
             with contextlib.suppress(libvirt.libvirtError):
                 conn.setKeepAlive(5, 3)  # local drivers have none; nothing to do
             with contextlib.suppress(libvirt.libvirtError):

@@ -165,6 +165,7 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
             ready()
             log.info("mounted %s at %s", ", ".join(hosts), mountpoint)
             await pyfuse3.main()
+            log.debug("FUSE main loop ended")
             nursery.cancel_scope.cancel()
     finally:
         # After `fusermount3 -u` this unmount is a harmless no-op; after a signal it is

@@ -155,3 +155,34 @@ def test_libvirt_events_refresh_the_tree_before_the_cache_runs_out(
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+@pytest.fixture
+def second_uri(qemu_uri: str):
+    """The second libvirtd, reached over libvirt's remote protocol on loopback."""
+    testbed = Path(__file__).resolve().parent.parent / "contrib" / "qemu-testbed.sh"
+    uri = run("bash", testbed, "start-second", timeout=120).stdout.strip().splitlines()[-1]
+    yield uri, testbed
+    run("bash", testbed, "start-second", timeout=120)  # leave it running, as found
+
+
+def test_a_remote_host_that_goes_away_and_comes_back(mount_factory, second_uri) -> None:
+    uri, testbed = second_uri
+    mounted = mount_factory("local=test:///default", f"remote={uri}",
+                            options="timeout=5,cache_timeout=0")
+    remote = mounted.host("remote")
+    assert (remote / "uri").read_text() == uri + "\n"
+    assert "hostname: libvirtfs-second" in (remote / "info").read_text()
+    run("bash", testbed, "stop-second", timeout=60)
+
+    def unreachable() -> None:
+        with pytest.raises(OSError) as caught:
+            (remote / "info").read_text()
+        assert caught.value.errno in (errno.ENOTCONN, errno.EIO), caught.value
+
+    eventually(unreachable, timeout=10)
+    # The other host is not held up meanwhile.
+    assert (mounted.host("local") / "domains/test/state").read_text() == "running\n"
+    run("bash", testbed, "start-second", timeout=120)
+    eventually(lambda: _assert("hostname: libvirtfs-second"
+                               in (remote / "info").read_text()), timeout=15)
