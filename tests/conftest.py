@@ -96,8 +96,9 @@ class Mounted:
         try:
             return self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            py_spy = Path(sys.executable).parent / "py-spy"
-            print(run(py_spy, "dump", "--pid", str(self.process.pid), check=False).stdout)
+            py_spy = Path(sys.executable).parent / "py-spy"  # where installed, say where it hung
+            if py_spy.exists():
+                print(run(py_spy, "dump", "--pid", str(self.process.pid), check=False).stdout)
             self.process.kill()
             run("fusermount3", "-u", "-z", self.path, check=False)
             return self.process.wait(timeout=5)
