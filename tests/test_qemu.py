@@ -186,3 +186,35 @@ def test_a_remote_host_that_goes_away_and_comes_back(mount_factory, second_uri) 
     run("bash", testbed, "start-second", timeout=120)
     eventually(lambda: _assert("hostname: libvirtfs-second"
                                in (remote / "info").read_text()), timeout=15)
+
+
+def test_network_and_pool_writes_are_remembered_across_mounts(
+        mount_factory, qemu_uri: str, tmp_path: Path) -> None:
+    # libvirt 9 keeps no metadata for these: the memory is in the state folder.
+    name = f"lvfs-{uuid.uuid4().hex[:6]}"
+    network = (f"<network>\n  <name>{name}</name>\n  <!-- lab network -->\n"
+               f"  <bridge name='lv{name[-6:]}'/>\n</network>\n")
+    pool = (f"<pool type='dir'>\n  <name>{name}</name>\n"
+            f"  <target><path>{tmp_path}</path></target>\n</pool>\n")
+    try:
+        first = mount_factory(f"lab={qemu_uri}", name="first")
+        (first.host("lab") / "networks" / name).mkdir()
+        write_file(first.host("lab") / "networks" / name / "xml", network)
+        (first.host("lab") / "pools" / name).mkdir()
+        write_file(first.host("lab") / "pools" / name / "xml", pool)
+        assert first.unmount() == 0
+        again = mount_factory(f"lab={qemu_uri}", name="again")
+        assert (again.host("lab") / "networks" / name / "xml").read_text() == network
+        assert (again.host("lab") / "pools" / name / "xml").read_text() == pool
+        # A change outside the definition (autostart) leaves it remembered...
+        run("virsh", "-c", qemu_uri, "net-autostart", name)
+        assert (again.host("lab") / "networks" / name / "xml").read_text() == network
+        # ...a new definition from elsewhere shows libvirt's text again.
+        dumped = run("virsh", "-c", qemu_uri, "net-dumpxml", "--inactive", name).stdout
+        (tmp_path / "net.xml").write_text(dumped.replace(f"lv{name[-6:]}", "lvother"))
+        run("virsh", "-c", qemu_uri, "net-define", tmp_path / "net.xml")
+        xml = again.host("lab") / "networks" / name / "xml"
+        eventually(lambda: _assert("lvother" in xml.read_text()), timeout=3)
+    finally:
+        run("virsh", "-c", qemu_uri, "net-undefine", name, check=False)
+        run("virsh", "-c", qemu_uri, "pool-undefine", name, check=False)
