@@ -215,6 +215,8 @@ class Host(SnapshotCalls):
             }
         return await self.connection.call(fetch)
 
+    # -- definitions and actions (any kind: domain, network, pool, volume) -------------
+
     async def definition(self, kind: str, key: Key) -> bytes:
         """What `xml` shows: the bytes last written, or libvirt's persistent definition."""
         return await self.connection.call(self.definitions.show, kind, key)
