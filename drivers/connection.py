@@ -52,6 +52,11 @@ class Connection:
         self._hung = 0
         self._hung_lock = threading.Lock()
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open (as far as libvirt's close callback has said)."""
+        return self._conn is not None
+
     def on_open(self, callback: Callable[[libvirt.virConnect], None]) -> None:
         """Run `callback(conn)` (in the worker thread) each time the connection is (re)opened;
         event registrations belong to one connection and must be made again after a loss."""

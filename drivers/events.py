@@ -48,8 +48,9 @@ def _run_forever() -> None:
 
 @dataclass(frozen=True)
 class Change:
-    """Something changed on a host: `kind` is domain, snapshot, pool, volume or network;
-    `uuid` names the object (the domain for a snapshot) when known."""
+    """Something changed on a host: `kind` is domain, snapshot, pool, volume or network
+    (or host: anything may have changed); `uuid` names the object (the domain for a
+    snapshot) when known."""
 
     kind: str
     uuid: str | None = None
@@ -69,7 +70,10 @@ class EventForwarder:
             self._token.run_sync_soon(self._deliver, change)
 
     def register(self, conn: libvirt.virConnect) -> None:
-        """Called in a worker thread each time the connection opens."""
+        """Called in a worker thread each time the connection opens.  Events missed while
+        the connection was down are lost, so a (re)open also says: everything may have
+        changed."""
+        self._send(Change("host", detail="connected"))
         registrations = [
             (conn.domainEventRegisterAny, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._domain),
             (conn.domainEventRegisterAny, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._domain_plain),

@@ -26,6 +26,8 @@ from libvirtfs.vfs.operations import Operations
 
 log = logging.getLogger(__name__)
 
+RECONNECT_SECONDS = 5.0
+
 
 class StartupError(Exception):
     """Why the mount could not be brought up; one line for the user."""
@@ -130,6 +132,15 @@ class Mount:
         async for node in self._stale:
             await self.forget_kernel_cache([node])
 
+    async def keep_connected(self, host: Host) -> None:
+        """Reconnect a lost host in the background: with events, nothing else would ask
+        libvirt anything while renderings are cached, and the tree would stay stale."""
+        while True:
+            await trio.sleep(RECONNECT_SECONDS)
+            if not host.connection.connected:
+                with contextlib.suppress(OSError):
+                    await host.open()
+
     async def forget_kernel_cache(self, nodes: list[Node]) -> None:
         for node in nodes:
             if self.operations.inodes.known(node.id) is None:
@@ -162,6 +173,8 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
             await nursery.start(mount.watch_events)
             nursery.start_soon(_stop_on_signals)
             nursery.start_soon(mount.drop_stale)
+            for host in hosts.values():
+                nursery.start_soon(mount.keep_connected, host)
             ready()
             log.info("mounted %s at %s", ", ".join(hosts), mountpoint)
             await pyfuse3.main()

@@ -40,6 +40,11 @@ class HostDirectory(StaticDirectory):
 
     def apply(self, change: Change) -> list[Node]:
         """Drop cached renderings that an event made stale; returns the nodes touched."""
+        if change.kind == "host":
+            touched = self.walk_known()
+            for node in touched:
+                node.invalidate()
+            return touched
         folder = {"domain": "domains", "snapshot": "domains", "pool": "pools",
                   "volume": "pools", "network": "networks"}.get(change.kind)
         collection = self._by_name.get(folder or "")

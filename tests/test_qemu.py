@@ -188,6 +188,25 @@ def test_a_remote_host_that_goes_away_and_comes_back(mount_factory, second_uri) 
                                in (remote / "info").read_text()), timeout=15)
 
 
+def test_a_reconnected_host_shows_what_changed_while_it_was_away(
+        mount_factory, second_uri) -> None:
+    uri, testbed = second_uri
+    # An hour-long cache: only the reconnect can make the tree true again.
+    mounted = mount_factory(f"remote={uri}", options="timeout=5,cache_timeout=3600")
+    domains = mounted.host("remote") / "domains"
+    before = set(os.listdir(domains))
+    run("bash", testbed, "stop-second", timeout=60)
+    run("bash", testbed, "start-second", timeout=120)
+    name = f"lvfs-{uuid.uuid4().hex[:8]}"
+    guest = mounted.path.parent / "away.xml"
+    guest.write_text(GUEST.format(name=name))
+    run("virsh", "-c", uri, "define", guest)
+    try:
+        eventually(lambda: _assert(set(os.listdir(domains)) == before | {name}), timeout=15)
+    finally:
+        run("virsh", "-c", uri, "undefine", name, check=False)
+
+
 def test_network_and_pool_writes_are_remembered_across_mounts(
         mount_factory, qemu_uri: str, tmp_path: Path) -> None:
     # libvirt 9 keeps no metadata for these: the memory is in the state folder.
