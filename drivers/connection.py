@@ -165,7 +165,9 @@ class Connection:
                               ) from None
 
     async def close(self) -> None:
-        await trio.to_thread.run_sync(self.close_now, abandon_on_cancel=True)
+        """Close at unmount; a hung host must not keep the process from exiting."""
+        with trio.move_on_after(min(self.timeout, 5.0)):
+            await trio.to_thread.run_sync(self.close_now, abandon_on_cancel=True)
 
 
 class _Call:

@@ -84,3 +84,18 @@ def test_dropped_connection_reconnects(two_hosts) -> None:
     assert read_errno(state) in (0, errno.ENOTCONN, errno.EIO)
     assert state.read_text() == "running\n"  # ...and the next one has reconnected.
     assert f"connection to {sick_uri} closed" in mounted.log()
+
+
+def test_unmount_is_clean_while_a_host_hangs(tmp_path: Path, monkeypatch) -> None:
+    host_xml = tmp_path / "hung.xml"
+    host_xml.write_text("<node><domain type='test'><name>vm</name><memory>65536</memory>"
+                        "<os><type>hvm</type></os></domain></node>")
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    mounted = start_mount(tmp_path / "mnt", f"hung=test://{host_xml}",
+                          options="timeout=1", log=tmp_path / "log")
+    rules.write_text(f"test://{host_xml} delay 60\n")
+    assert read_errno(mounted.host("hung") / "domains/vm/info") == errno.ETIMEDOUT
+    started = time.monotonic()
+    check_clean_exit(mounted)  # fusermount3 -u, exit status 0, no traceback
+    assert time.monotonic() - started < 10
