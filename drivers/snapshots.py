@@ -183,10 +183,6 @@ class SnapshotCalls:
 
     # -- reading -----------------------------------------------------------------------
 
-    async def list_snapshots(self, uuid: str) -> list[str]:
-        return await self.connection.call(
-            lambda conn: [s.getName() for s in conn.lookupByUUIDString(uuid).listAllSnapshots(0)])
-
     async def snapshot_listing(self, uuid: str) -> Listing:
         """Every snapshot with metadata, its parent and creation time, and the current one."""
         def fetch(conn: libvirt.virConnect) -> Listing:
@@ -198,24 +194,6 @@ class SnapshotCalls:
                                          int(doc.findtext("creationTime") or 0)))
             current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
             return Listing(summaries, current)
-        return await self.connection.call(fetch)
-
-    async def current_snapshot(self, uuid: str) -> str | None:
-        def fetch(conn: libvirt.virConnect) -> str | None:
-            dom = conn.lookupByUUIDString(uuid)
-            if not dom.hasCurrentSnapshot(0):
-                return None
-            return dom.snapshotCurrent(0).getName()
-        return await self.connection.call(fetch)
-
-    async def snapshot_parent(self, uuid: str, name: str) -> str | None:
-        def fetch(conn: libvirt.virConnect) -> str | None:
-            try:
-                return _snapshot(conn, uuid, name).getParent(0).getName()
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
-                    return None
-                raise
         return await self.connection.call(fetch)
 
     async def snapshot_xml(self, uuid: str, name: str) -> str:

@@ -182,17 +182,6 @@ class QueryFile(File):
             return data
 
 
-class StaticFile(File):
-    """Fixed bytes (documentation, a URI)."""
-
-    def __init__(self, ctx: Context, data: bytes) -> None:
-        super().__init__(ctx)
-        self.data = data
-
-    async def content(self) -> bytes:
-        return self.data
-
-
 class Symlink(Node):
     file_type = stat.S_IFLNK
 

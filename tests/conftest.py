@@ -19,7 +19,6 @@ import pytest
 import xattr
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def run(*command: str | os.PathLike, check: bool = True, cwd: str | os.PathLike | None = None,

@@ -18,7 +18,6 @@ from libvirtfs.nodes.base import File
 class Handle:
     node: File
     data: bytearray
-    writing: bool = False
     dirty: bool = False
     append: bool = False
     # A refused write spoils the document: close() reports that error and commits nothing.
@@ -63,6 +62,3 @@ class HandleTable:
 
     def pop(self, fh: int) -> Handle | None:
         return self._handles.pop(fh, None)
-
-    def open_for(self, node: File) -> list[Handle]:
-        return [h for h in self._handles.values() if h.node is node]

@@ -320,7 +320,7 @@ class Operations(pyfuse3.Operations):
             await node.truncate(0)
         # O_TRUNC alone commits nothing: the shell's `>` opens, dup2()s and closes before
         # it writes, and that first close must not define an empty document.
-        handle = Handle(node, bytearray(data), writing=writing, append=bool(flags & os.O_APPEND))
+        handle = Handle(node, bytearray(data), append=bool(flags & os.O_APPEND))
         return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
 
     @_fuse_errors
@@ -335,7 +335,7 @@ class Operations(pyfuse3.Operations):
             raise
         parent.last_error = ""
         attrs = await self._entry(node)
-        handle = Handle(node, bytearray(), writing=True)
+        handle = Handle(node, bytearray())
         info = pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
         return info, attrs
 
