@@ -8,9 +8,11 @@ Errors are `OSError`s with an errno; the vfs passes them on to the kernel as the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
+import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from libvirtfs.nodes.handles import ContentHandle, DocumentHandle, Handle, opens_for_writing
 from libvirtfs.nodes.names import to_filename
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,16 @@ class Node:
         self.last_error = error.strerror or str(error)
         log.warning("%s: %s", self.path, self.last_error)
 
+    @contextlib.contextmanager
+    def reporting(self) -> Iterator[None]:
+        """Record a refused operation's reason as this node's `user.error`, and let the
+        error go on to the caller."""
+        try:
+            yield
+        except OSError as e:
+            self.record_error(e)
+            raise
+
 
 class File(Node):
     """A regular file; its bytes come from `content()`."""
@@ -127,16 +140,26 @@ class File(Node):
     async def size(self) -> int:
         return len(await self.content())
 
-    # Writing.  `executes_writes` files act on each write() (control words); the others
-    # get the whole new text at close() or rename() through `commit`.
-    executes_writes = False
+    # Writing.  By default a writable file is a document: a handle buffers the whole new
+    # text and `commit`s it at close(); rename() onto the file commits too.  Kinds that
+    # act otherwise (control words, scratch files) open their own handles.
     max_size: int | None = None
-    holds_bytes = False  # its content is plain bytes kept here (scratch), not a rendering
+
+    async def open_handle(self, flags: int) -> Handle:
+        """The handle for one open(2) with `flags`; content errors are recorded here."""
+        if not opens_for_writing(flags):
+            with self.reporting():  # libvirt's reason, for getfattr -n user.error
+                return ContentHandle(self, await self.content())
+        if not self.writable:
+            raise fs_error(errno.EACCES, f"{self.path} is read-only")
+        if flags & os.O_TRUNC:
+            data = b""
+        else:
+            with self.reporting():
+                data = await self.content()
+        return DocumentHandle(self, data, append=bool(flags & os.O_APPEND))
 
     async def commit(self, data: bytes) -> None:
-        raise fs_error(errno.EACCES, f"{self.path} is read-only")
-
-    async def execute(self, data: bytes) -> None:
         raise fs_error(errno.EACCES, f"{self.path} is read-only")
 
     async def truncate(self, size: int) -> None:

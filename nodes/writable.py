@@ -7,11 +7,13 @@ A refused write raises an OSError whose message the vfs records as the file's
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from libvirtfs.drivers.xmldocs import MAX_DOCUMENT_BYTES
 from libvirtfs.nodes.base import Context, File, QueryFile, fs_error
+from libvirtfs.nodes.handles import Handle, WordHandle, opens_for_writing
 
 if TYPE_CHECKING:
     from libvirtfs.nodes.objects import ObjectDirectory
@@ -25,7 +27,6 @@ class ScratchFile(File):
     served file when renamed onto it."""
 
     max_size = MAX_SCRATCH_BYTES
-    holds_bytes = True
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
@@ -43,6 +44,12 @@ class ScratchFile(File):
 
     async def content(self) -> bytes:
         return self.data
+
+    async def open_handle(self, flags: int) -> Handle:
+        # Its bytes are kept here, not rendered: O_TRUNC empties them at once, as on disk.
+        if opens_for_writing(flags) and flags & os.O_TRUNC:
+            await self.truncate(0)
+        return await super().open_handle(flags)
 
     async def commit(self, data: bytes) -> None:
         self.data = data
@@ -85,11 +92,26 @@ class DefinitionFile(QueryFile):
         self.touch()
 
 
-class ControlFile(QueryFile):
+class WordFile(QueryFile):
+    """A file each write() of which is carried out before write() returns, so the writer
+    gets libvirt's answer; opening it to write renders nothing."""
+
+    @property
+    def writable(self) -> bool:
+        return not self.ctx.read_only
+
+    async def open_handle(self, flags: int) -> Handle:
+        if opens_for_writing(flags) and self.writable:
+            return WordHandle(self)
+        return await super().open_handle(flags)
+
+    async def execute(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class ControlFile(WordFile):
     """`control`: each write is one word, carried out before write() returns, so the
     writer gets libvirt's answer.  Reading lists the words that make sense now."""
-
-    executes_writes = True
 
     def __init__(self, ctx: Context, words: Callable[[], Awaitable[list[str]]],
                  run: Callable[[str, list[str]], Awaitable[None]]) -> None:
@@ -97,10 +119,6 @@ class ControlFile(QueryFile):
             return "".join(f"{word}\n" for word in await words()).encode()
         super().__init__(ctx, render)
         self._run = run
-
-    @property
-    def writable(self) -> bool:
-        return not self.ctx.read_only
 
     async def execute(self, data: bytes) -> None:
         try:
@@ -121,11 +139,9 @@ class ControlFile(QueryFile):
                                     f"a file cannot replace it")
 
 
-class FlagFile(QueryFile):
+class FlagFile(WordFile):
     """`autostart`: 0 or 1, taken at write() so that `echo maybe > autostart` fails
     visibly; a file renamed onto it works too."""
-
-    executes_writes = True
 
     def __init__(self, ctx: Context, read: Callable[[], Awaitable[bool]],
                  write: Callable[[bool], Awaitable[None]]) -> None:
@@ -133,10 +149,6 @@ class FlagFile(QueryFile):
             return b"1\n" if await read() else b"0\n"
         super().__init__(ctx, render)
         self._write = write
-
-    @property
-    def writable(self) -> bool:
-        return not self.ctx.read_only
 
     async def execute(self, data: bytes) -> None:
         value = data.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import trio
@@ -11,6 +12,7 @@ from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.errors import DriverError
 from libvirtfs.drivers.host import Host
 from libvirtfs.nodes.base import Context, Directory, File, QueryFile
+from libvirtfs.nodes.handles import ContentHandle, DocumentHandle, WordHandle
 from libvirtfs.nodes.hosts import HostDirectory, RootDirectory
 from libvirtfs.nodes.names import from_filename, to_filename
 
@@ -101,6 +103,115 @@ async def test_slow_call_times_out_and_the_host_counts_as_hung(testhost: Host) -
     await trio.sleep(1)  # the slow call returns: the host answers again
     with trio.fail_after(1):
         assert await testhost.uri()
+
+
+# -- open files, without a mount: each kind of file opens its own handle ------------------
+
+async def open_file(testhost: Host, path: str, flags: int):
+    node = await walk(HostDirectory(Context(cache_timeout=0), testhost), path)
+    assert isinstance(node, File)
+    return node, await node.open_handle(flags)
+
+
+async def test_a_reader_keeps_the_content_it_opened(testhost: Host) -> None:
+    state, handle = await open_file(testhost, "domains/alpha/state", os.O_RDONLY)
+    assert isinstance(handle, ContentHandle)
+    await testhost.connection.call(lambda conn: conn.lookupByName("alpha").suspend())
+    assert await state.content() == b"paused\n"
+    assert await handle.read(0, 100) == b"running\n"
+    assert await handle.read(3, 2) == b"ni"
+    with pytest.raises(OSError) as caught:
+        await handle.write(0, b"x")
+    assert caught.value.errno == errno.EBADF
+
+
+async def test_a_read_only_file_refuses_to_open_for_writing(testhost: Host) -> None:
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
+        with pytest.raises(OSError) as caught:
+            await open_file(testhost, "domains/alpha/state", flags)
+        assert caught.value.errno == errno.EACCES
+
+
+async def test_a_document_commits_at_flush_only_when_written(testhost: Host) -> None:
+    xml, handle = await open_file(testhost, "domains/alpha/xml", os.O_WRONLY | os.O_TRUNC)
+    assert isinstance(handle, DocumentHandle)
+    before = await xml.content()
+    await handle.flush()  # the shell's `>` closes once before it writes: nothing happens
+    await handle.release()
+    assert await xml.content() == before
+
+    _, handle = await open_file(testhost, "domains/alpha/xml", os.O_RDWR)
+    assert await handle.read(0, len(before)) == before
+    new = before.replace(b"65536", b"131072")
+    assert await handle.write(0, new) == len(new)
+    assert await xml.content() == before  # written, not yet committed
+    await handle.flush()
+    assert b"131072" in await xml.content()
+
+
+async def test_a_bad_document_is_refused_at_flush_and_recorded(testhost: Host) -> None:
+    xml, handle = await open_file(testhost, "domains/alpha/xml", os.O_WRONLY | os.O_TRUNC)
+    before = await xml.content()
+    await handle.write(0, b"<domain type='test'><name>alpha</name>")  # write() accepts it
+    with pytest.raises(OSError) as caught:
+        await handle.flush()
+    assert caught.value.errno == errno.EINVAL
+    assert "malformed" in (await xml.xattrs())["user.error"].decode()
+    await handle.flush()  # reported once; nothing left to commit
+    assert await xml.content() == before
+
+
+async def test_a_refused_write_spoils_the_document(testhost: Host) -> None:
+    xml, handle = await open_file(testhost, "domains/alpha/xml", os.O_WRONLY | os.O_APPEND)
+    before = await xml.content()
+    with pytest.raises(OSError) as caught:
+        await handle.write(0, b" " * (xml.max_size or 0))
+    assert caught.value.errno == errno.EFBIG
+    assert "at most" in xml.last_error
+    with pytest.raises(OSError) as caught:
+        await handle.flush()  # close() reports the refused write and commits nothing
+    assert caught.value.errno == errno.EFBIG
+    await handle.flush()
+    assert await xml.content() == before
+
+
+async def test_control_words_are_carried_out_at_write(testhost: Host) -> None:
+    control, handle = await open_file(testhost, "domains/alpha/control", os.O_WRONLY)
+    assert isinstance(handle, WordHandle)
+    with pytest.raises(OSError) as caught:
+        await handle.write(0, b"frobnicate\n")
+    assert caught.value.errno == errno.EINVAL
+    assert "unknown control word 'frobnicate'" in control.last_error
+    assert await handle.write(0, b"suspend\n") == len(b"suspend\n")
+    assert control.last_error == ""
+    state = await control.parent.lookup("state")
+    assert await state.content() == b"paused\n"
+    await handle.flush()  # nothing is left for close()
+    await handle.release()
+
+
+async def test_autostart_takes_its_word_at_write(testhost: Host) -> None:
+    autostart, handle = await open_file(testhost, "domains/alpha/autostart",
+                                        os.O_WRONLY | os.O_TRUNC)
+    with pytest.raises(OSError) as caught:
+        await handle.write(0, b"maybe\n")
+    assert caught.value.errno == errno.EINVAL
+    await handle.write(0, b"1\n")
+    assert await autostart.content() == b"1\n"
+
+
+async def test_a_scratch_file_is_emptied_by_o_trunc_at_once(testhost: Host) -> None:
+    alpha = await walk(HostDirectory(Context(cache_timeout=0), testhost), "domains/alpha")
+    scratch = await alpha.create("notes")
+    handle = await scratch.open_handle(os.O_WRONLY)
+    await handle.write(0, b"hello")
+    await handle.flush()
+    assert await scratch.content() == b"hello"
+    handle = await scratch.open_handle(os.O_WRONLY | os.O_TRUNC)
+    assert await scratch.content() == b""
+    with pytest.raises(OSError) as caught:
+        await handle.write(0, b"x" * (scratch.max_size + 1))
+    assert caught.value.errno == errno.EFBIG
 
 
 @pytest.mark.parametrize("name", ["a/b", ".", "..", "%2F", "x\x00y", "é/ü", "a%b", "plain"])

@@ -1,50 +1,15 @@
-"""Open files: one consistent rendering per handle, and the buffer a writer fills.
+"""The numbers the kernel knows open files by.
 
-A reader sees the bytes rendered when it opened, from offset 0 to the end, whatever
-libvirt does meanwhile.  A writer edits a private copy; `flush` (every `close()`) commits
-it when something was written, so errors reach `close()`.
+What a handle does (a snapshot to read, a document to commit at close(), words carried
+out at write()) is the file's business: see nodes/handles.py.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 from dataclasses import dataclass, field
 
-from libvirtfs.nodes.base import File
-
-
-@dataclass
-class Handle:
-    node: File
-    data: bytearray
-    dirty: bool = False
-    append: bool = False
-    # A refused write spoils the document: close() reports that error and commits nothing.
-    failed: OSError | None = None
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset:offset + size])
-
-    def write(self, offset: int, buf: bytes) -> int:
-        if self.append:
-            offset = len(self.data)
-        end = offset + len(buf)
-        limit = self.node.max_size
-        if limit is not None and max(end, len(self.data)) > limit:
-            raise OSError(errno.EFBIG, f"{self.node.path} takes at most {limit} bytes")
-        if offset > len(self.data):
-            self.data.extend(b"\0" * (offset - len(self.data)))
-        self.data[offset:end] = buf
-        self.dirty = True
-        return len(buf)
-
-    def truncate(self, size: int) -> None:
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(b"\0" * (size - len(self.data)))
-        self.dirty = True
+from libvirtfs.nodes.handles import Handle
 
 
 @dataclass

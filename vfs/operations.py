@@ -19,7 +19,8 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from libvirtfs.nodes.base import Context, Directory, File, Node, Symlink, fs_error
-from libvirtfs.vfs.handles import Handle, HandleTable
+from libvirtfs.nodes.handles import Handle
+from libvirtfs.vfs.handles import HandleTable
 from libvirtfs.vfs.inodes import InodeTable
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class Operations(pyfuse3.Operations):
             if not isinstance(node, File):
                 raise fs_error(errno.EISDIR, f"{node.path} is a folder")
             if fh is not None:
-                self.handles.get(fh).truncate(attr.st_size)
+                await self.handles.get(fh).truncate(attr.st_size)
             else:
                 try:
                     await node.truncate(attr.st_size)
@@ -303,24 +304,11 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, File):
             raise fs_error(errno.EISDIR, f"{node.path} is a folder")
-        writing = bool(flags & _WRITE_FLAGS)
-        if writing:
+        if flags & _WRITE_FLAGS:
             self._check_writable_mount()
-            if not node.writable:
-                raise fs_error(errno.EACCES, f"{node.path} is read-only")
-        if writing and (flags & os.O_TRUNC or node.executes_writes):
-            data = b""
-        else:
-            try:
-                data = await node.content()
-            except OSError as e:
-                node.record_error(e)  # libvirt's reason, for getfattr -n user.error
-                raise
-        if writing and flags & os.O_TRUNC and node.holds_bytes:
-            await node.truncate(0)
-        # O_TRUNC alone commits nothing: the shell's `>` opens, dup2()s and closes before
-        # it writes, and that first close must not define an empty document.
-        handle = Handle(node, bytearray(data), append=bool(flags & os.O_APPEND))
+        return self._file_info(await node.open_handle(flags))
+
+    def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
         return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
 
     @_fuse_errors
@@ -334,47 +322,21 @@ class Operations(pyfuse3.Operations):
             parent.record_error(e)
             raise
         parent.last_error = ""
+        handle = await node.open_handle(flags)
         attrs = await self._entry(node)
-        handle = Handle(node, bytearray())
-        info = pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
-        return info, attrs
+        return self._file_info(handle), attrs
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.handles.get(fh).read(off, size)
+        return await self.handles.get(fh).read(off, size)
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self.handles.get(fh)
-        node = handle.node
-        if node.executes_writes:
-            try:
-                await node.execute(buf)
-            except OSError as e:
-                node.record_error(e)
-                raise
-            return len(buf)
-        try:
-            return handle.write(off, buf)
-        except OSError as e:
-            handle.failed, handle.dirty = e, False
-            node.record_error(e)
-            raise
+        return await self.handles.get(fh).write(off, buf)
 
     @_fuse_errors
     async def flush(self, fh: int) -> None:
-        handle = self.handles.get(fh)
-        if handle.failed is not None:
-            failed, handle.failed = handle.failed, None
-            raise failed
-        if not handle.dirty:
-            return
-        handle.dirty = False
-        try:
-            await handle.node.commit(bytes(handle.data))
-        except OSError as e:
-            handle.node.record_error(e)
-            raise
+        await self.handles.get(fh).flush()
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -382,7 +344,9 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
-        self.handles.pop(fh)
+        handle = self.handles.pop(fh)
+        if handle is not None:
+            await handle.release()
 
     # -- extended attributes -----------------------------------------------------------
 

@@ -1,0 +1,136 @@
+"""Open files: what each kind of file does between open() and close().
+
+A file chooses its handle in `File.open_handle`; the vfs only numbers handles and passes
+read, write, truncate and flush on.  Refused operations are recorded on the file
+(`user.error`) here, where the protocol says when an error is due:
+
+- `ContentHandle`: a reader sees the bytes rendered when it opened, from offset 0 to the
+  end, whatever libvirt does meanwhile.
+- `DocumentHandle`: a writer edits a private copy; `flush` (every `close()`) commits it
+  when something was written, so a document's errors reach `close()`.  A refused write
+  spoils the copy: close() reports that error and commits nothing.
+- `WordHandle`: each write() is carried out at once (control words, autostart), so its
+  error reaches write().
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from libvirtfs.nodes.base import File
+    from libvirtfs.nodes.writable import WordFile
+
+
+def opens_for_writing(flags: int) -> bool:
+    return bool(flags & (os.O_WRONLY | os.O_RDWR))
+
+
+class Handle:
+    """One open file.  The base refuses what its subclasses do not allow."""
+
+    def __init__(self, node: File) -> None:
+        self.node = node
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return b""
+
+    async def write(self, offset: int, buf: bytes) -> int:
+        raise OSError(errno.EBADF, f"{self.node.path} is not open for writing")
+
+    async def truncate(self, size: int) -> None:
+        raise OSError(errno.EBADF, f"{self.node.path} is not open for writing")
+
+    async def flush(self) -> None:
+        """Every close() of a descriptor (and fsync) ends here."""
+
+    async def release(self) -> None:
+        """The last descriptor is closed."""
+
+
+class ContentHandle(Handle):
+    """Reads one snapshot of the content, taken at open()."""
+
+    def __init__(self, node: File, data: bytes) -> None:
+        super().__init__(node)
+        self.data = data
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self.data[offset:offset + size]
+
+
+class DocumentHandle(Handle):
+    """A private copy of a whole document, committed at close() when it was changed.
+
+    Opening with O_TRUNC starts from an empty copy but commits nothing by itself: the
+    shell's `>` opens, dup2()s and closes before it writes, and that first close must not
+    define an empty document.
+    """
+
+    def __init__(self, node: File, data: bytes, *, append: bool = False) -> None:
+        super().__init__(node)
+        self.data = bytearray(data)
+        self.append = append
+        self.dirty = False
+        self.failed: OSError | None = None
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.data[offset:offset + size])
+
+    async def write(self, offset: int, buf: bytes) -> int:
+        try:
+            return self._write(offset, buf)
+        except OSError as e:
+            self.failed, self.dirty = e, False
+            self.node.record_error(e)
+            raise
+
+    def _write(self, offset: int, buf: bytes) -> int:
+        if self.append:
+            offset = len(self.data)
+        end = offset + len(buf)
+        limit = self.node.max_size
+        if limit is not None and max(end, len(self.data)) > limit:
+            raise OSError(errno.EFBIG, f"{self.node.path} takes at most {limit} bytes")
+        if offset > len(self.data):
+            self.data.extend(b"\0" * (offset - len(self.data)))
+        self.data[offset:end] = buf
+        self.dirty = True
+        return len(buf)
+
+    async def truncate(self, size: int) -> None:
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(b"\0" * (size - len(self.data)))
+        self.dirty = True
+
+    async def flush(self) -> None:
+        if self.failed is not None:
+            failed, self.failed = self.failed, None
+            raise failed  # recorded when the write was refused
+        if not self.dirty:
+            return
+        self.dirty = False
+        with self.node.reporting():
+            await self.node.commit(bytes(self.data))
+
+
+class WordHandle(Handle):
+    """Carries out each write() at once, so the writer gets libvirt's answer there."""
+
+    node: WordFile
+
+    def __init__(self, node: WordFile) -> None:
+        super().__init__(node)
+
+    async def write(self, offset: int, buf: bytes) -> int:
+        with self.node.reporting():
+            await self.node.execute(buf)
+        return len(buf)
+
+    async def truncate(self, size: int) -> None:
+        with self.node.reporting():
+            await self.node.truncate(size)
