@@ -16,8 +16,8 @@ def _on(kind: str, method: Callable[[object], object]) -> Action:
     return lambda conn, key: method(KINDS[kind].lookup(conn, key))
 
 
-# kind -> word -> action.  docs/writing.md lists them; keep the two in step.
-CONTROL_WORDS: dict[str, dict[str, Action]] = {
+# kind -> word -> what it does; the words are nodes/words.py's CONTROL_WORDS.
+ACTIONS: dict[str, dict[str, Action]] = {
     "domain": {
         "start": _on("domain", lambda dom: dom.createWithFlags(0)),
         "start-paused": _on("domain",

@@ -14,9 +14,9 @@ from typing import Any
 
 import libvirt
 
-from libvirtfs.drivers import memo
+from libvirtfs.drivers import memo, xmldocs
 from libvirtfs.drivers.connection import Connection
-from libvirtfs.drivers.control import CONTROL_WORDS, remove_object, rename_object
+from libvirtfs.drivers.control import ACTIONS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
 from libvirtfs.drivers.snapshots import SnapshotCalls
 from libvirtfs.drivers.states import (
@@ -43,7 +43,10 @@ def _network(conn: libvirt.virConnect, uuid: str) -> libvirt.virNetwork:
 
 
 class Host(SnapshotCalls):
-    """One hypervisor host reached through one libvirt URI."""
+    """One hypervisor host reached through one libvirt URI (nodes/backend.py says what the
+    tree asks of it)."""
+
+    max_document_bytes = xmldocs.MAX_DOCUMENT_BYTES
 
     def __init__(self, connection: Connection, state_dir: Path | None = None) -> None:
         self.connection = connection
@@ -226,14 +229,9 @@ class Host(SnapshotCalls):
         return await self.connection.call(
             lambda conn: self.definitions.define(conn, kind, key, name, data, parent=parent))
 
-    @staticmethod
-    def control_words(kind: str) -> list[str]:
-        """Every control word `kind` knows, in the order docs/writing.md lists them."""
-        return list(CONTROL_WORDS[kind])
-
     async def control(self, kind: str, key: Key, word: str) -> None:
-        """Carry out one control word; the caller has checked that it exists."""
-        action = CONTROL_WORDS[kind][word]
+        """Carry out one control word of nodes/words.py; the caller has checked it."""
+        action = ACTIONS[kind][word]
         await self.connection.call(action, key)
 
     async def autostart(self, kind: str, key: Key) -> bool:

@@ -1,8 +1,8 @@
 """Snapshot calls of a host (domains/<name>/snapshots/).  Mixed into `Host`.
 
-The words users write (in `user.flags`, `user.delete-flags` and `control`) are turned into
-libvirt's VIR_DOMAIN_SNAPSHOT_* flags here, from the tables below; docs/snapshots.md lists
-them, keep the two in step.  Snapshots are addressed by name within their domain (UUID).
+The words users write (in `user.flags`, `user.delete-flags` and `control`, listed in
+nodes/words.py) are turned into libvirt's VIR_DOMAIN_SNAPSHOT_* flags here, from the tables
+below.  Snapshots are addressed by name within their domain (UUID).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import libvirt
@@ -18,13 +17,15 @@ from lxml import etree
 
 from libvirtfs.drivers import xmldocs
 from libvirtfs.drivers.errors import DriverError
+from libvirtfs.nodes.backend import SnapshotListing, SnapshotSummary
+from libvirtfs.nodes.words import SNAPSHOT_REDEFINE_FLAGS
 
 if TYPE_CHECKING:
     from libvirtfs.drivers.connection import Connection
 
 Info = dict[str, Any]
 
-# user.flags: the words of VIR_DOMAIN_SNAPSHOT_CREATE_*, in libvirt's order.
+# The words of nodes/words.py -> libvirt's flags.
 CREATE_FLAGS: dict[str, int] = {
     "redefine": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE,
     "current": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT,
@@ -38,18 +39,12 @@ CREATE_FLAGS: dict[str, int] = {
     "validate": libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_VALIDATE,
 }
 
-# With `redefine`, mkdir does not take a snapshot: it makes a folder whose `xml` takes a
-# saved document.  Only these flags mean something for a redefinition.
-REDEFINE_FLAGS = frozenset({"redefine", "current", "validate"})
-
-# user.delete-flags: VIR_DOMAIN_SNAPSHOT_DELETE_*.
 DELETE_FLAGS: dict[str, int] = {
     "children": libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN,
     "metadata-only": libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY,
     "children-only": libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY,
 }
 
-# control: the words, and the modifiers that may follow them (`revert-running force`).
 REVERT_WORDS: dict[str, int] = {
     "revert": 0,
     "revert-running": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING,
@@ -65,29 +60,12 @@ if hasattr(libvirt, "VIR_DOMAIN_SNAPSHOT_REVERT_RESET_NVRAM"):
     REVERT_MODIFIERS["reset-nvram"] = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RESET_NVRAM
 
 
-def parse_words(value: bytes, table: dict[str, int], what: str) -> list[str]:
-    """A comma-separated list of words of `table`, without repeats, in the given order;
-    OSError(EINVAL) naming an unknown word."""
-    try:
-        text = value.decode()
-    except UnicodeDecodeError:
-        raise xmldocs.invalid(f"{what} is a comma-separated list of words") from None
-    words: list[str] = []
-    for raw in text.replace("\n", ",").split(","):
-        word = raw.strip().lower()
-        if not word:
-            continue
-        if word not in table:
-            raise xmldocs.invalid(f"unknown {what} {word!r}; the {what}s are: "
-                                  f"{', '.join(table)}")
-        if word not in words:
-            words.append(word)
-    return words
-
-
 def bits(words: list[str], table: dict[str, int]) -> int:
+    """The flags for `words`; EOPNOTSUPP for a word this libvirt has no flag for."""
     value = 0
     for word in words:
+        if word not in table:
+            raise DriverError(errno.EOPNOTSUPP, f"{word!r} needs a newer libvirt")
         value |= table[word]
     return value
 
@@ -97,7 +75,7 @@ def parse_template(data: bytes) -> etree._Element:
     return xmldocs.parse(data, "domainsnapshot")
 
 
-def snapshot_document(name: str, description: str | None, template: bytes | None) -> str:
+def new_snapshot_document(name: str, description: str | None, template: bytes | None) -> str:
     """The document for a new snapshot: the template (or nothing) with this name and
     description."""
     root = parse_template(template) if template else etree.Element("domainsnapshot")
@@ -113,21 +91,6 @@ def snapshot_document(name: str, description: str | None, template: bytes | None
             name_element.addnext(element)
         element.text = description
     return etree.tostring(root, encoding="unicode")
-
-
-@dataclass(frozen=True)
-class Summary:
-    """What a listing needs of one snapshot."""
-
-    name: str
-    parent: str | None
-    created: int       # creationTime, seconds since the epoch
-
-
-@dataclass(frozen=True)
-class Listing:
-    snapshots: list[Summary]
-    current: str | None
 
 
 def _snapshot(conn: libvirt.virConnect, uuid: str, name: str) -> libvirt.virDomainSnapshot:
@@ -181,19 +144,27 @@ def _location(element: etree._Element | None) -> str:
 class SnapshotCalls:
     connection: Connection
 
+    @staticmethod
+    def check_snapshot_template(data: bytes) -> None:
+        parse_template(data)
+
+    @staticmethod
+    def snapshot_document(name: str, description: str | None, template: bytes | None) -> bytes:
+        return new_snapshot_document(name, description, template).encode()
+
     # -- reading -----------------------------------------------------------------------
 
-    async def snapshot_listing(self, uuid: str) -> Listing:
+    async def snapshot_listing(self, uuid: str) -> SnapshotListing:
         """Every snapshot with metadata, its parent and creation time, and the current one."""
-        def fetch(conn: libvirt.virConnect) -> Listing:
+        def fetch(conn: libvirt.virConnect) -> SnapshotListing:
             dom = conn.lookupByUUIDString(uuid)
             summaries = []
             for snap in dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL):
                 doc = _document(snap)
-                summaries.append(Summary(snap.getName(), doc.findtext("parent/name"),
-                                         int(doc.findtext("creationTime") or 0)))
+                summaries.append(SnapshotSummary(snap.getName(), doc.findtext("parent/name"),
+                                                 int(doc.findtext("creationTime") or 0)))
             current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
-            return Listing(summaries, current)
+            return SnapshotListing(summaries, current)
         return await self.connection.call(fetch)
 
     async def snapshot_xml(self, uuid: str, name: str) -> str:
@@ -226,7 +197,7 @@ class SnapshotCalls:
                               description: str | None, template: bytes | None) -> None:
         """Take a snapshot named `name` (mkdir).  EEXIST if the name is taken; libvirt's
         refusal otherwise, and then nothing was made."""
-        document = snapshot_document(name, description, template)
+        document = new_snapshot_document(name, description, template)
         value = bits(flags, CREATE_FLAGS)
 
         def create(conn: libvirt.virConnect) -> None:
@@ -245,8 +216,8 @@ class SnapshotCalls:
         root = parse_template(data)
         xmldocs.check_name(root, name, "snapshot")
         document = etree.tostring(root, encoding="unicode")
-        value = CREATE_FLAGS["redefine"] | bits([f for f in flags if f in REDEFINE_FLAGS],
-                                                CREATE_FLAGS)
+        value = CREATE_FLAGS["redefine"] | bits(
+            [f for f in flags if f in SNAPSHOT_REDEFINE_FLAGS], CREATE_FLAGS)
 
         def redefine(conn: libvirt.virConnect) -> None:
             with _refusals():
@@ -260,7 +231,11 @@ class SnapshotCalls:
                 snap.delete(bits(flags, DELETE_FLAGS))
         await self.connection.call(delete)
 
-    async def revert_snapshot(self, uuid: str, name: str, flags: int) -> None:
+    async def revert_snapshot(self, uuid: str, name: str, word: str,
+                              modifiers: list[str]) -> None:
+        """`word` of REVERT_WORDS, each modifier of REVERT_MODIFIERS (the caller checked)."""
+        flags = REVERT_WORDS[word] | bits(modifiers, REVERT_MODIFIERS)
+
         def revert(conn: libvirt.virConnect) -> None:
             dom = conn.lookupByUUIDString(uuid)
             snap = dom.snapshotLookupByName(name, 0)

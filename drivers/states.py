@@ -1,11 +1,11 @@
 """libvirt's state and reason numbers as the words users see in files.
 
 Written out rather than derived from constant names: libvirt reuses prefixes for flags
-(VIR_DOMAIN_SHUTDOWN_* are both reasons and flags), so a derived table would lie.
+(VIR_DOMAIN_SHUTDOWN_* are both reasons and flags), so a derived table would lie.  The
+words the tree itself reasons with (domain states) live in nodes/words.py.
 """
 
-DOMAIN_STATES = ["nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed",
-                 "pmsuspended"]
+from libvirtfs.nodes.words import DOMAIN_STATES
 
 DOMAIN_REASONS: dict[str, list[str]] = {
     "nostate": ["unknown"],
@@ -52,15 +52,3 @@ def version_string(number: int) -> str:
     """libvirt packs versions as major * 1,000,000 + minor * 1,000 + release."""
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
-
-# Which domain words make sense in which state, for reading `control`.
-DOMAIN_WORDS_BY_STATE: dict[str, list[str]] = {
-    "shutoff": ["start", "start-paused"],
-    "running": ["shutdown", "reboot", "reset", "destroy", "suspend", "managed-save"],
-    "blocked": ["shutdown", "reboot", "reset", "destroy", "suspend", "managed-save"],
-    "paused": ["resume", "reset", "destroy", "managed-save"],
-    "shutdown": ["destroy"],
-    "crashed": ["destroy"],
-    "pmsuspended": ["destroy"],
-    "nostate": ["destroy"],
-}

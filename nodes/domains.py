@@ -8,10 +8,10 @@ from typing import Any
 
 import trio
 
-from libvirtfs.drivers.states import DOMAIN_STATES, DOMAIN_WORDS_BY_STATE
 from libvirtfs.nodes.base import Entry, QueryFile, fs_error
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
+from libvirtfs.nodes.words import CONTROL_WORDS, DOMAIN_STATES, DOMAIN_WORDS_BY_STATE
 
 DEFAULT_WAIT_SECONDS = 60.0
 WAIT_POLL_SECONDS = 0.1
@@ -52,7 +52,7 @@ class DomainDirectory(ObjectDirectory):
     async def control(self, word: str, arguments: list[str]) -> None:
         if word == "wait":
             await self.wait(arguments)
-        elif word in self.host.control_words("domain") and not arguments:
+        elif word in CONTROL_WORDS["domain"] and not arguments:
             # Checked here so that every hypervisor refuses alike (the test driver calls a
             # wrong state an internal error).
             state = await self.state()
@@ -64,7 +64,7 @@ class DomainDirectory(ObjectDirectory):
         else:
             raise fs_error(errno.EINVAL, f"unknown control word {' '.join([word, *arguments])!r}"
                                          f"; the words are: "
-                                         f"{', '.join(self.host.control_words('domain'))}, wait")
+                                         f"{', '.join(CONTROL_WORDS['domain'])}, wait")
 
     async def wait(self, arguments: list[str]) -> None:
         """`wait STATE [SECONDS]`: return once the domain is in STATE."""

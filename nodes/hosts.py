@@ -11,8 +11,7 @@ from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.storage import PoolsDirectory
 
 if TYPE_CHECKING:
-    from libvirtfs.drivers.events import Change
-    from libvirtfs.drivers.host import Host
+    from libvirtfs.nodes.backend import Change, Host
 
 
 class HostDirectory(StaticDirectory):

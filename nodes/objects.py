@@ -16,10 +16,11 @@ import trio
 from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, QueryFile, fs_error
 from libvirtfs.nodes.names import from_filename, name_for_new_object
 from libvirtfs.nodes.render import key_values, word
+from libvirtfs.nodes.words import CONTROL_WORDS
 from libvirtfs.nodes.writable import ControlFile, DefinitionFile, FlagFile, ScratchFile
 
 if TYPE_CHECKING:
-    from libvirtfs.drivers.host import Host
+    from libvirtfs.nodes.backend import Host
 
 
 class ObjectDirectory(Directory):
@@ -60,7 +61,7 @@ class ObjectDirectory(Directory):
         raise NotImplementedError
 
     async def control(self, word: str, arguments: list[str]) -> None:
-        words = self.host.control_words(self.kind)
+        words = CONTROL_WORDS[self.kind]
         if word not in words or arguments:
             raise fs_error(errno.EINVAL, f"unknown control word "
                                          f"{' '.join([word, *arguments])!r}; the words are: "

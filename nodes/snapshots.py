@@ -16,25 +16,23 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from libvirtfs.drivers.snapshots import (
-    CREATE_FLAGS,
-    DELETE_FLAGS,
-    REDEFINE_FLAGS,
-    REVERT_MODIFIERS,
-    REVERT_WORDS,
-    Summary,
-    parse_template,
-    parse_words,
-    snapshot_document,
-)
+from libvirtfs.nodes.backend import SnapshotSummary
 from libvirtfs.nodes.base import Context, Directory, Entry, Node, QueryFile, Symlink, fs_error
 from libvirtfs.nodes.names import name_for_new_object, to_filename
 from libvirtfs.nodes.objects import ObjectDirectory
 from libvirtfs.nodes.render import key_values, word
+from libvirtfs.nodes.words import (
+    SNAPSHOT_CREATE_FLAGS,
+    SNAPSHOT_DELETE_FLAGS,
+    SNAPSHOT_REDEFINE_FLAGS,
+    SNAPSHOT_REVERT_MODIFIERS,
+    SNAPSHOT_REVERT_WORDS,
+    parse_words,
+)
 from libvirtfs.nodes.writable import ControlFile, DefinitionFile
 
 if TYPE_CHECKING:
-    from libvirtfs.drivers.host import Host
+    from libvirtfs.nodes.backend import Host
 
 CURRENT = "current"
 FLAGS = "user.flags"
@@ -52,7 +50,7 @@ class SnapshotsDirectory(Directory):
         self.host = host
         self.domain_uuid = domain_uuid
         self.settings: dict[str, bytes] = {}
-        self._summaries: dict[str, Summary] = {}
+        self._summaries: dict[str, SnapshotSummary] = {}
         self._current: str | None = None
         self._current_link: Symlink | None = None
         self._pending: dict[str, SnapshotDirectory] = {}
@@ -93,7 +91,7 @@ class SnapshotsDirectory(Directory):
             extra[CURRENT] = self._current_link
         return extra
 
-    def summary(self, name: str) -> Summary | None:
+    def summary(self, name: str) -> SnapshotSummary | None:
         return self._summaries.get(name)
 
     async def refresh_after_change(self, *, domain: bool) -> None:
@@ -107,7 +105,7 @@ class SnapshotsDirectory(Directory):
     # -- settings (extended attributes) ------------------------------------------------
 
     def words(self, name: str) -> list[str]:
-        table = CREATE_FLAGS if name == FLAGS else DELETE_FLAGS
+        table = SNAPSHOT_CREATE_FLAGS if name == FLAGS else SNAPSHOT_DELETE_FLAGS
         return parse_words(self.settings.get(name, b""), table, "flag")
 
     def description(self) -> str | None:
@@ -122,21 +120,22 @@ class SnapshotsDirectory(Directory):
             await super().set_xattr(name, value)
             return
         if name == FLAGS:
-            words = parse_words(value, CREATE_FLAGS, "flag")
-            if "redefine" in words and not set(words) <= REDEFINE_FLAGS:
+            words = parse_words(value, SNAPSHOT_CREATE_FLAGS, "flag")
+            if "redefine" in words and not set(words) <= SNAPSHOT_REDEFINE_FLAGS:
+                others = ", ".join(sorted(SNAPSHOT_REDEFINE_FLAGS - {"redefine"}))
                 raise fs_error(errno.EINVAL, "redefine makes mkdir wait for a saved document "
                                              "instead of taking a snapshot; it goes only with "
-                                             f"{', '.join(sorted(REDEFINE_FLAGS - {'redefine'}))}")
+                                             f"{others}")
             value = ",".join(words).encode()
         elif name == DELETE:
-            value = ",".join(parse_words(value, DELETE_FLAGS, "delete flag")).encode()
+            value = ",".join(parse_words(value, SNAPSHOT_DELETE_FLAGS, "delete flag")).encode()
         elif name == DESCRIPTION:
             try:
                 value.decode()
             except UnicodeDecodeError:
                 raise fs_error(errno.EINVAL, "the description must be UTF-8 text") from None
         elif value.strip():
-            parse_template(value)
+            self.host.check_snapshot_template(value)
         if value.strip():
             self.settings[name] = value
         else:
@@ -165,7 +164,7 @@ class SnapshotsDirectory(Directory):
             self.last_error = ""
             return node
         if "redefine" in flags:
-            document = snapshot_document(snapshot, description, template).encode()
+            document = self.host.snapshot_document(snapshot, description, template)
             await self.host.redefine_snapshot(self.domain_uuid, snapshot, document, flags)
         else:
             await self.host.create_snapshot(self.domain_uuid, snapshot, flags, description,
@@ -225,7 +224,7 @@ class SnapshotDirectory(ObjectDirectory):
         if self.pending:  # an existing snapshot's folder keeps its creation time
             super().touch()
 
-    def update(self, summary: Summary | None) -> None:
+    def update(self, summary: SnapshotSummary | None) -> None:
         """The listing of snapshots/ says this about us (None: we are gone)."""
         if summary is None:
             return
@@ -262,7 +261,7 @@ class SnapshotDirectory(ObjectDirectory):
             return word((await host.snapshot_info(uuid, snap))["state"])
 
         async def words() -> list[str]:
-            return list(REVERT_WORDS)
+            return list(SNAPSHOT_REVERT_WORDS)
 
         return [
             xml,
@@ -298,14 +297,11 @@ class SnapshotDirectory(ObjectDirectory):
             await self.snapshots.refresh_after_change(domain=False)
 
     async def control(self, command: str, arguments: list[str]) -> None:
-        unknown = [a for a in arguments if a not in REVERT_MODIFIERS]
-        if command not in REVERT_WORDS or unknown:
+        unknown = [a for a in arguments if a not in SNAPSHOT_REVERT_MODIFIERS]
+        if command not in SNAPSHOT_REVERT_WORDS or unknown:
             raise fs_error(errno.EINVAL, f"unknown control word "
                                          f"{' '.join([command, *arguments])!r}; the words are "
-                                         f"{', '.join(REVERT_WORDS)}, optionally followed by "
-                                         f"{', '.join(REVERT_MODIFIERS)}")
-        flags = REVERT_WORDS[command]
-        for argument in arguments:
-            flags |= REVERT_MODIFIERS[argument]
-        await self.host.revert_snapshot(self.domain_uuid, self.snapshot, flags)
+                                         f"{', '.join(SNAPSHOT_REVERT_WORDS)}, optionally "
+                                         f"followed by {', '.join(SNAPSHOT_REVERT_MODIFIERS)}")
+        await self.host.revert_snapshot(self.domain_uuid, self.snapshot, command, arguments)
         await self.snapshots.refresh_after_change(domain=True)

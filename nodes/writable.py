@@ -11,7 +11,6 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from libvirtfs.drivers.xmldocs import MAX_DOCUMENT_BYTES
 from libvirtfs.nodes.base import Context, File, QueryFile, fs_error
 from libvirtfs.nodes.handles import Handle, WordHandle, opens_for_writing
 
@@ -75,11 +74,10 @@ class DefinitionFile(QueryFile):
     """`xml`: reading shows the definition; a whole new document, written and closed or
     renamed onto it, defines or updates the object."""
 
-    max_size = MAX_DOCUMENT_BYTES
-
     def __init__(self, ctx: Context, directory: ObjectDirectory) -> None:
         super().__init__(ctx, directory.definition)
         self.directory = directory
+        self.max_size = directory.host.max_document_bytes
 
     @property
     def writable(self) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,35 @@ def test_package_installs_under_one_name() -> None:
     for module, folder in [(libvirtfs.drivers, "drivers"), (libvirtfs.nodes, "nodes"),
                            (libvirtfs.vfs, "vfs"), (libvirtfs.mount, "mount")]:
         assert Path(module.__file__).parent == REPO / folder
+
+
+def test_the_tree_loads_neither_libvirt_nor_lxml() -> None:
+    # nodes/ speaks the tree's words only (nodes/words.py, nodes/backend.py): importing
+    # every node module in a fresh interpreter must not pull in libvirt or lxml.
+    modules = sorted(f"libvirtfs.nodes.{path.stem}" for path in (REPO / "nodes").glob("*.py"))
+    script = ("import importlib, sys\n"
+              f"for name in {modules!r}:\n"
+              "    importlib.import_module(name)\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('libvirt', 'lxml')\n"
+              "             or m.startswith('libvirtfs.drivers')))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_drivers_translate_every_word_of_the_tree() -> None:
+    from libvirtfs.drivers import snapshots, states
+    from libvirtfs.drivers.control import ACTIONS
+    from libvirtfs.nodes import words
+
+    assert {kind: list(actions) for kind, actions in ACTIONS.items()} == words.CONTROL_WORDS
+    assert states.DOMAIN_STATES == words.DOMAIN_STATES
+    assert set(words.DOMAIN_WORDS_BY_STATE) == set(words.DOMAIN_STATES)
+    for valid in words.DOMAIN_WORDS_BY_STATE.values():
+        assert set(valid) <= set(words.CONTROL_WORDS["domain"])
+    assert list(snapshots.CREATE_FLAGS) == words.SNAPSHOT_CREATE_FLAGS
+    assert words.SNAPSHOT_REDEFINE_FLAGS.issubset(words.SNAPSHOT_CREATE_FLAGS)
+    assert list(snapshots.DELETE_FLAGS) == words.SNAPSHOT_DELETE_FLAGS
+    assert list(snapshots.REVERT_WORDS) == words.SNAPSHOT_REVERT_WORDS
+    # reset-nvram needs libvirt 8.5; an older one refuses it with EOPNOTSUPP.
+    assert set(snapshots.REVERT_MODIFIERS) <= set(words.SNAPSHOT_REVERT_MODIFIERS)

@@ -1,0 +1,70 @@
+"""The words users read and write in the tree: states, control words, flags.
+
+The tree speaks only these; drivers/ translates libvirt's numbers and flags to and from
+them (drivers/states.py, drivers/control.py, drivers/snapshots.py), so that nodes/ never
+needs libvirt.  docs/writing.md and docs/snapshots.md list them: keep them in step.
+"""
+
+from __future__ import annotations
+
+import errno
+
+# `state` of a domain, in the order of libvirt's virDomainState.
+DOMAIN_STATES = ["nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed",
+                 "pmsuspended"]
+
+# Which domain words make sense in which state, for reading `control`.
+DOMAIN_WORDS_BY_STATE: dict[str, list[str]] = {
+    "shutoff": ["start", "start-paused"],
+    "running": ["shutdown", "reboot", "reset", "destroy", "suspend", "managed-save"],
+    "blocked": ["shutdown", "reboot", "reset", "destroy", "suspend", "managed-save"],
+    "paused": ["resume", "reset", "destroy", "managed-save"],
+    "shutdown": ["destroy"],
+    "crashed": ["destroy"],
+    "pmsuspended": ["destroy"],
+    "nostate": ["destroy"],
+}
+
+# kind -> the words its `control` file takes (a domain's also takes `wait`, see domains.py).
+CONTROL_WORDS: dict[str, list[str]] = {
+    "domain": ["start", "start-paused", "shutdown", "reboot", "reset", "destroy", "suspend",
+               "resume", "managed-save"],
+    "pool": ["start", "stop", "refresh", "build"],
+    "network": ["start", "stop"],
+}
+
+# snapshots/: `user.flags` (libvirt's VIR_DOMAIN_SNAPSHOT_CREATE_*, in libvirt's order).
+SNAPSHOT_CREATE_FLAGS = ["redefine", "current", "no-metadata", "halt", "disk-only",
+                         "reuse-ext", "quiesce", "atomic", "live", "validate"]
+
+# With `redefine`, mkdir does not take a snapshot: it makes a folder whose `xml` takes a
+# saved document.  Only these flags mean something for a redefinition.
+SNAPSHOT_REDEFINE_FLAGS = frozenset({"redefine", "current", "validate"})
+
+# snapshots/: `user.delete-flags` (VIR_DOMAIN_SNAPSHOT_DELETE_*).
+SNAPSHOT_DELETE_FLAGS = ["children", "metadata-only", "children-only"]
+
+# snapshots/NAME/control: the words, and the modifiers that may follow them
+# (`revert-running force`).
+SNAPSHOT_REVERT_WORDS = ["revert", "revert-running", "revert-paused", "revert-force"]
+SNAPSHOT_REVERT_MODIFIERS = ["running", "paused", "force", "reset-nvram"]
+
+
+def parse_words(value: bytes, words: list[str], what: str) -> list[str]:
+    """A comma-separated list of `words`, without repeats, in the given order;
+    OSError(EINVAL) naming an unknown word."""
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        raise OSError(errno.EINVAL, f"{what} is a comma-separated list of words") from None
+    found: list[str] = []
+    for raw in text.replace("\n", ",").split(","):
+        word = raw.strip().lower()
+        if not word:
+            continue
+        if word not in words:
+            raise OSError(errno.EINVAL, f"unknown {what} {word!r}; the {what}s are: "
+                                        f"{', '.join(words)}")
+        if word not in found:
+            found.append(word)
+    return found
