@@ -69,6 +69,12 @@ def errno_for_code(code: int | None) -> int:
     return ERRNO_BY_CODE.get(code or 0, errno.EIO)
 
 
+def _system_errno(error: libvirt.libvirtError) -> int | None:
+    details = error.err
+    value = details[7] if isinstance(details, tuple | list) and len(details) > 7 else None
+    return value if isinstance(value, int) and value in errno.errorcode else None
+
+
 def from_libvirt(error: libvirt.libvirtError) -> DriverError:
     """Translate a libvirt exception through the table above."""
     code = error.get_error_code()
@@ -76,6 +82,6 @@ def from_libvirt(error: libvirt.libvirtError) -> DriverError:
     err = errno_for_code(code)
     if code == libvirt.VIR_ERR_INVALID_ARG and "unsupported flags" in message:
         err = errno.EOPNOTSUPP  # libvirt's virCheckFlags: this hypervisor lacks the feature
-    elif code == libvirt.VIR_ERR_SYSTEM_ERROR and error.err and error.err[7] in errno.errorcode:
-        err = error.err[7]  # libvirt carries the system call's own errno
+    elif code == libvirt.VIR_ERR_SYSTEM_ERROR and (system := _system_errno(error)) is not None:
+        err = system  # libvirt carries the system call's own errno (a missing file, say)
     return DriverError(err, message, code)

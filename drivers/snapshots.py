@@ -7,9 +7,7 @@ below.  Snapshots are addressed by name within their domain (UUID).
 
 from __future__ import annotations
 
-import contextlib
 import errno
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import libvirt
@@ -111,24 +109,6 @@ def _exists(dom: libvirt.virDomain, name: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _refusals() -> Iterator[None]:
-    """libvirt's refusals of snapshot operations, with the errno that fits them."""
-    try:
-        yield
-    except libvirt.libvirtError as e:
-        code = e.get_error_code()
-        message = e.get_error_message() or str(e)
-        if code == libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
-            raise DriverError(errno.EOPNOTSUPP, message, code) from None
-        # A system error carries the errno libvirt met (a missing file for reuse-ext).
-        system_errno = e.err[7] if isinstance(e.err, tuple) and len(e.err) > 7 else None
-        if (code == libvirt.VIR_ERR_SYSTEM_ERROR and isinstance(system_errno, int)
-                and system_errno in errno.errorcode):
-            raise DriverError(system_errno, message, code) from None
-        raise  # Connection.call maps it through drivers/errors.py
-
-
 def _location(element: etree._Element | None) -> str:
     """`internal`, `no`, `external /path` ... for a <memory> or <disk> of a snapshot."""
     if element is None:
@@ -205,8 +185,7 @@ class SnapshotCalls:
             if "redefine" not in flags and _exists(dom, name):
                 raise DriverError(errno.EEXIST, f"domain {dom.name()!r} has a snapshot named "
                                                 f"{name!r} already")
-            with _refusals():
-                dom.snapshotCreateXML(document, value)
+            dom.snapshotCreateXML(document, value)
         await self.connection.call(create)
 
     async def redefine_snapshot(self, uuid: str, name: str, data: bytes,
@@ -220,15 +199,13 @@ class SnapshotCalls:
             [f for f in flags if f in SNAPSHOT_REDEFINE_FLAGS], CREATE_FLAGS)
 
         def redefine(conn: libvirt.virConnect) -> None:
-            with _refusals():
-                conn.lookupByUUIDString(uuid).snapshotCreateXML(document, value)
+            conn.lookupByUUIDString(uuid).snapshotCreateXML(document, value)
         await self.connection.call(redefine)
 
     async def delete_snapshot(self, uuid: str, name: str, flags: list[str]) -> None:
         def delete(conn: libvirt.virConnect) -> None:
             snap = _snapshot(conn, uuid, name)
-            with _refusals():
-                snap.delete(bits(flags, DELETE_FLAGS))
+            snap.delete(bits(flags, DELETE_FLAGS))
         await self.connection.call(delete)
 
     async def revert_snapshot(self, uuid: str, name: str, word: str,
@@ -239,6 +216,5 @@ class SnapshotCalls:
         def revert(conn: libvirt.virConnect) -> None:
             dom = conn.lookupByUUIDString(uuid)
             snap = dom.snapshotLookupByName(name, 0)
-            with _refusals():
-                dom.revertToSnapshot(snap, flags)
+            dom.revertToSnapshot(snap, flags)
         await self.connection.call(revert)
