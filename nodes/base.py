@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -119,13 +119,14 @@ class Node:
         log.warning("%s: %s", self.path, self.last_error)
 
     @contextlib.contextmanager
-    def reporting(self) -> Iterator[None]:
-        """Record a refused operation's reason as this node's `user.error`, and let the
-        error go on to the caller."""
+    def reporting(self, *, unless: Collection[int] = ()) -> Iterator[None]:
+        """Record a refused operation's reason as this node's `user.error` (unless its
+        errno is one of `unless`), and let the error go on to the caller."""
         try:
             yield
         except OSError as e:
-            self.record_error(e)
+            if e.errno not in unless:
+                self.record_error(e)
             raise
 
 

@@ -214,6 +214,16 @@ async def test_a_scratch_file_is_emptied_by_o_trunc_at_once(testhost: Host) -> N
     assert caught.value.errno == errno.EFBIG
 
 
+def test_reporting_records_the_reason_and_lets_the_error_go_on() -> None:
+    node = File(Context())
+    with pytest.raises(OSError), node.reporting():
+        raise OSError(errno.EBUSY, "the domain is running")
+    assert node.last_error == "the domain is running"
+    with pytest.raises(OSError), node.reporting(unless=(errno.ENOTSUP,)):
+        raise OSError(errno.ENOTSUP, "user.mime_type cannot be set")
+    assert node.last_error == "the domain is running"
+
+
 @pytest.mark.parametrize("name", ["a/b", ".", "..", "%2F", "x\x00y", "é/ü", "a%b", "plain"])
 def test_names_escape_reversibly(name: str) -> None:
     filename = to_filename(name)

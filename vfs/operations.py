@@ -163,11 +163,8 @@ class Operations(pyfuse3.Operations):
             if fh is not None:
                 await self.handles.get(fh).truncate(attr.st_size)
             else:
-                try:
+                with node.reporting():
                     await node.truncate(attr.st_size)
-                except OSError as e:
-                    node.record_error(e)
-                    raise
         # chmod, chown and utimensat are accepted and have no effect: tools that copy
         # metadata (sed -i, cp -p, Ansible) must not fail on a file whose mode we own.
         return await self.attributes(node, inode)
@@ -228,11 +225,8 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         self._check_writable_mount()
         parent = self._directory(parent_inode)
-        try:
+        with parent.reporting():
             node = await parent.mkdir(_name(name))
-        except OSError as e:
-            parent.record_error(e)
-            raise
         parent.last_error = ""
         return await self._entry(node)
 
@@ -247,11 +241,8 @@ class Operations(pyfuse3.Operations):
     async def _remove(self, parent_inode: int, name: bytes, *, directory: bool) -> None:
         self._check_writable_mount()
         parent = self._directory(parent_inode)
-        try:
+        with parent.reporting():
             await parent.remove(_name(name), directory=directory)
-        except OSError as e:
-            parent.record_error(e)
-            raise
         parent.last_error = ""
 
     @_fuse_errors
@@ -267,12 +258,9 @@ class Operations(pyfuse3.Operations):
         # A refused rename is recorded on the file it would have replaced (sed -i's commit
         # onto xml), or else on the folder it came from.
         blamed = replaced if isinstance(replaced, File) else source
-        try:
+        with blamed.reporting():
             await source.rename(_name(name_old), target, _name(name_new),
                                 replace=not flags & pyfuse3.RENAME_NOREPLACE)
-        except OSError as e:
-            blamed.record_error(e)
-            raise
         blamed.last_error = ""
         if moving is not None and moving.resolve() is not moving:
             # Committed onto a served file: make the kernel look the name up again.
@@ -316,11 +304,8 @@ class Operations(pyfuse3.Operations):
                      ctx: Any) -> Any:
         self._check_writable_mount()
         parent = self._directory(parent_inode)
-        try:
+        with parent.reporting():
             node = await parent.create(_name(name))
-        except OSError as e:
-            parent.record_error(e)
-            raise
         parent.last_error = ""
         handle = await node.open_handle(flags)
         attrs = await self._entry(node)
@@ -366,12 +351,8 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
         self._check_writable_mount()
         node = self._node(inode)
-        try:
+        with node.reporting(unless=(errno.ENOTSUP, errno.EOPNOTSUPP)):
             await node.set_xattr(_name(name), value)
-        except OSError as e:
-            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                node.record_error(e)
-            raise
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
