@@ -3,7 +3,7 @@
 One `Kind` per object type says how libvirt names, looks up, defines and renders it.  The
 rules shared by all are here once: the hardened parse, the name check, keeping identity
 (UUID, MAC addresses) that a short document leaves out, doing nothing when nothing
-changes, and remembering the written bytes (memo.py).  These functions block; they run in
+changes, and remembering the written bytes (records.py).  These functions block; they run in
 the connection's worker threads.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from libvirtfs.drivers import memo, xmldocs
+from libvirtfs.drivers import records, statedir, xmldocs
 
 Key = str  # a UUID, or "POOL-UUID/VOLUME-NAME" for volumes
 
@@ -48,7 +48,7 @@ class Kind:
     key: Callable[[Any], Key]
     exists_by_name: Callable[[libvirt.virConnect, Key | None, str], bool]
     redefinable: bool = True
-    in_libvirt_memo: bool = False               # memo kept as libvirt metadata
+    record_in_libvirt: bool = False               # record kept as libvirt metadata
     normalize: Callable[[str], str] = lambda text: text
 
 
@@ -84,7 +84,7 @@ KINDS: dict[str, Kind] = {
         xml=lambda dom: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
         key=lambda dom: dom.UUIDString(),
         exists_by_name=lambda conn, key, name: _exists(lambda: conn.lookupByName(name)),
-        in_libvirt_memo=True),
+        record_in_libvirt=True),
     "network": Kind(
         "network", "network",
         lookup=lambda conn, key: conn.networkLookupByUUIDString(key),
@@ -113,9 +113,9 @@ KINDS: dict[str, Kind] = {
 
 
 class Definitions:
-    """Show and define objects of one connection; `store` keeps memos libvirt cannot."""
+    """Show and define objects of one connection; `store` keeps records libvirt cannot."""
 
-    def __init__(self, store: memo.LocalStore) -> None:
+    def __init__(self, store: statedir.StateDir) -> None:
         self.store = store
         self._host_ids: dict[int, str] = {}
 
@@ -127,17 +127,17 @@ class Definitions:
             self._host_ids[id(conn)] = known
         return known
 
-    def _memo(self, conn: libvirt.virConnect, kind: Kind, key: Key,
-              text: str) -> tuple[str, memo.Written | None]:
-        clean, written = memo.strip(text)
-        if not kind.in_libvirt_memo:
+    def _record(self, conn: libvirt.virConnect, kind: Kind, key: Key,
+              text: str) -> tuple[str, records.Written | None]:
+        clean, written = records.strip(text)
+        if not kind.record_in_libvirt:
             written = self.store.get(self._host_id(conn), kind.name, key)
         return clean, written
 
     def show(self, conn: libvirt.virConnect, kind_name: str, key: Key) -> bytes:
         kind = KINDS[kind_name]
-        clean, written = self._memo(conn, kind, key, kind.xml(kind.lookup(conn, key)))
-        return memo.shown(clean, written, kind.normalize)
+        clean, written = self._record(conn, kind, key, kind.xml(kind.lookup(conn, key)))
+        return records.shown(clean, written, kind.normalize)
 
     def define(self, conn: libvirt.virConnect, kind_name: str, key: Key | None,
                expected_name: str | None, data: bytes, *, parent: Key | None = None) -> Key:
@@ -156,8 +156,8 @@ class Definitions:
                                         f"remove it with rmdir and write it again")
         current_text = None
         if current is not None:
-            current_text, written = self._memo(conn, kind, key, kind.xml(current))  # type: ignore[arg-type]
-            if memo.shown(current_text, written, kind.normalize) == data:
+            current_text, written = self._record(conn, kind, key, kind.xml(current))  # type: ignore[arg-type]
+            if records.shown(current_text, written, kind.normalize) == data:
                 return key  # type: ignore[return-value]  # nothing to change
             _keep_identity(root, etree.fromstring(current_text.encode()), kind.name)
             if kind.name == "domain":
@@ -169,15 +169,15 @@ class Definitions:
         else:
             obj = kind.define(conn, parent if current is None else key, new_text)
         new_key = kind.key(obj)
-        clean, _ = memo.strip(kind.xml(obj))
-        written = memo.Written(memo.digest(kind.normalize(clean)), data)
+        clean, _ = records.strip(kind.xml(obj))
+        written = records.Written(records.digest(kind.normalize(clean)), data)
         # A document holding a password is not remembered: xml shows libvirt's text, which
         # leaves passwords out, and the bytes are kept nowhere.
         secret = root.xpath("boolean(//@passwd)")
-        if kind.in_libvirt_memo:
+        if kind.record_in_libvirt:
             obj.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                            None if secret else memo.element(written),
-                            None if secret else memo.PREFIX, memo.NAMESPACE,
+                            None if secret else records.element(written),
+                            None if secret else records.PREFIX, records.NAMESPACE,
                             libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         elif secret:
             self.store.forget(self._host_id(conn), kind.name, new_key)
@@ -186,8 +186,8 @@ class Definitions:
         return new_key
 
     def forget(self, conn: libvirt.virConnect, kind_name: str, key: Key) -> None:
-        """Drop the memo of an object that is gone (undefined, deleted)."""
-        if not KINDS[kind_name].in_libvirt_memo:
+        """Drop the record of an object that is gone (undefined, deleted)."""
+        if not KINDS[kind_name].record_in_libvirt:
             self.store.forget(self._host_id(conn), kind_name, key)
 
 

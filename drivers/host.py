@@ -14,7 +14,7 @@ from typing import Any
 
 import libvirt
 
-from libvirtfs.drivers import memo, xmldocs
+from libvirtfs.drivers import records, statedir, xmldocs
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.control import ACTIONS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
@@ -50,7 +50,7 @@ class Host(SnapshotCalls):
 
     def __init__(self, connection: Connection, state_dir: Path | None = None) -> None:
         self.connection = connection
-        self.definitions = Definitions(memo.LocalStore(state_dir or memo.default_state_dir()))
+        self.definitions = Definitions(statedir.StateDir(state_dir or statedir.default_state_dir()))
 
     async def open(self) -> None:
         """Connect now, so that a bad URI or an unreachable host fails at mount time."""
@@ -139,7 +139,7 @@ class Host(SnapshotCalls):
     async def domain_live_xml(self, uuid: str) -> str:
         """What libvirt reports now, without libvirtfs's own metadata."""
         return await self.connection.call(
-            lambda conn: memo.strip(_domain(conn, uuid).XMLDesc(0))[0])
+            lambda conn: records.strip(_domain(conn, uuid).XMLDesc(0))[0])
 
     async def list_pools(self) -> list[tuple[str, str]]:
         return await self.connection.call(

@@ -16,7 +16,7 @@ import sys
 
 import trio
 
-from libvirtfs.drivers.memo import default_state_dir, private_folder
+from libvirtfs.drivers.statedir import default_state_dir, private_folder
 from libvirtfs.mount.options import MountOptions, OptionError
 from libvirtfs.mount.serve import StartupError, parse_host, serve
 
