@@ -9,7 +9,9 @@ the connection's worker threads.
 
 from __future__ import annotations
 
+import copy
 import errno
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ import libvirt
 from lxml import etree
 
 from libvirtfs.drivers import records, statedir, xmldocs
+
+log = logging.getLogger(__name__)
 
 Key = str  # a UUID, or "POOL-UUID/VOLUME-NAME" for volumes
 
@@ -113,30 +117,47 @@ KINDS: dict[str, Kind] = {
 
 
 class Definitions:
-    """Show and define objects of one connection; `store` keeps records libvirt cannot."""
+    """Show and define objects of one connection, and keep their read-your-writes records:
+    a domain's in its metadata while there is room (see xmldocs.DEFINITION_BUDGET), other
+    records in `state` (or, for the test driver, in memory)."""
 
-    def __init__(self, store: statedir.StateDir) -> None:
-        self.store = store
-        self._host_ids: dict[int, str] = {}
+    def __init__(self, state: statedir.StateDir) -> None:
+        self.state = state
+        self._memory = statedir.MemoryRecords()
+        self._hosts: dict[int, tuple[str, statedir.RecordStore]] = {}
 
-    def _host_id(self, conn: libvirt.virConnect) -> str:
-        known = self._host_ids.get(id(conn))
+    def _host(self, conn: libvirt.virConnect) -> tuple[str, statedir.RecordStore]:
+        """The host's identity for records kept outside libvirt, and where they are kept."""
+        known = self._hosts.get(id(conn))
         if known is None:
-            caps = etree.fromstring(conn.getCapabilities().encode())
-            known = caps.findtext("host/uuid") or conn.getURI()
-            self._host_ids[id(conn)] = known
+            caps = xmldocs.from_libvirt(conn.getCapabilities())
+            host_id = caps.findtext("host/uuid") or conn.getURI()
+            # The test driver's objects live in this process, and another mount of
+            # test:///default is another host with the same UUIDs: its records live here too.
+            store = self._memory if conn.getType() == "Test" else self.state
+            known = (host_id, store)
+            self._hosts[id(conn)] = known
         return known
 
     def _record(self, conn: libvirt.virConnect, kind: Kind, key: Key,
-              text: str) -> tuple[str, records.Written | None]:
+                text: str) -> tuple[str, records.Written | None]:
+        """libvirt's text without our element, and the object's record if libvirtfs made it."""
         clean, written = records.strip(text)
-        if not kind.record_in_libvirt:
-            written = self.store.get(self._host_id(conn), kind.name, key)
-        return clean, written
+        if written is None or not kind.record_in_libvirt:
+            host_id, store = self._host(conn)
+            written = store.get(host_id, kind.name, key)
+        return clean, records.verified(self.state.key(create=False),
+                                       records.subject(kind.name, key), written)
 
     def show(self, conn: libvirt.virConnect, kind_name: str, key: Key) -> bytes:
         kind = KINDS[kind_name]
-        clean, written = self._record(conn, kind, key, kind.xml(kind.lookup(conn, key)))
+        try:
+            obj = kind.lookup(conn, key)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in _GONE:
+                self.forget(conn, kind_name, key)  # removed outside libvirtfs
+            raise
+        clean, written = self._record(conn, kind, key, kind.xml(obj))
         return records.shown(clean, written, kind.normalize)
 
     def define(self, conn: libvirt.virConnect, kind_name: str, key: Key | None,
@@ -146,6 +167,7 @@ class Definitions:
         kind = KINDS[kind_name]
         root = xmldocs.parse(data, kind.root)
         name = xmldocs.check_name(root, expected_name, kind.name)
+        _drop_records(root)
         current = kind.lookup(conn, key) if key is not None else None
         if current is None and kind.exists_by_name(conn, parent, name):
             raise OSError(errno.EEXIST, f"a {kind.name} named {name!r} exists already")
@@ -154,41 +176,97 @@ class Definitions:
                 return key  # type: ignore[return-value]
             raise OSError(errno.EEXIST, f"libvirt cannot redefine an existing {kind.name}; "
                                         f"remove it with rmdir and write it again")
-        current_text = None
+        current_root = None
         if current is not None:
             current_text, written = self._record(conn, kind, key, kind.xml(current))  # type: ignore[arg-type]
             if records.shown(current_text, written, kind.normalize) == data:
                 return key  # type: ignore[return-value]  # nothing to change
-            _keep_identity(root, etree.fromstring(current_text.encode()), kind.name)
+            current_root = xmldocs.from_libvirt(current_text)
+            _keep_identity(root, current_root, kind.name)
             if kind.name == "domain":
                 _keep_passwords(root, current)
-        new_text = etree.tostring(root, encoding="unicode")
-        if current_text is not None and (xmldocs.canonical(new_text)
-                                         == xmldocs.canonical(current_text)):
+        xmldocs.check_size(root, kind.name)
+        if current_root is not None and (xmldocs.canonical(root)
+                                         == xmldocs.canonical(current_root)):
             obj = current  # libvirt's definition stays as it is
         else:
-            obj = kind.define(conn, parent if current is None else key, new_text)
+            obj = kind.define(conn, parent if current is None else key,
+                              etree.tostring(root, encoding="unicode"))
         new_key = kind.key(obj)
-        clean, _ = records.strip(kind.xml(obj))
-        written = records.Written(records.digest(kind.normalize(clean)), data)
-        # A document holding a password is not remembered: xml shows libvirt's text, which
-        # leaves passwords out, and the bytes are kept nowhere.
-        secret = root.xpath("boolean(//@passwd)")
-        if kind.record_in_libvirt:
-            obj.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                            None if secret else records.element(written),
-                            None if secret else records.PREFIX, records.NAMESPACE,
-                            libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        elif secret:
-            self.store.forget(self._host_id(conn), kind.name, new_key)
-        else:
-            self.store.put(self._host_id(conn), kind.name, new_key, written)
+        # libvirt has the new definition: from here on nothing may fail the write.
+        secret = bool(root.xpath("boolean(//@passwd)"))
+        try:
+            self._remember(conn, kind, obj, new_key, data, secret)
+        except (libvirt.libvirtError, OSError) as e:
+            message = e.get_error_message() if isinstance(e, libvirt.libvirtError) else e
+            log.warning("the %s %s is defined, but the bytes written could not be remembered "
+                        "(%s); its xml shows libvirt's text", kind.name, name, message)
         return new_key
 
+    def _remember(self, conn: libvirt.virConnect, kind: Kind, obj: Any, key: Key,
+                  data: bytes, secret: bool) -> None:
+        """Keep the record of a write libvirt accepted: in the domain's metadata if it fits
+        beside the definition in one RPC reply, else in the state folder.  A document
+        holding a password is not remembered: xml shows libvirt's text, which leaves
+        passwords out, and the bytes are kept nowhere."""
+        host_id, store = self._host(conn)
+        clean, _ = records.strip(kind.xml(obj))
+        sealed = None
+        if not secret:
+            written = records.Written(records.digest(kind.normalize(clean)), data)
+            key_bytes = self.state.key(create=True)
+            if key_bytes is None:
+                secret = True  # nothing to seal with: remember nothing
+            else:
+                sealed = records.seal(key_bytes, records.subject(kind.name, key), written)
+        in_metadata = (kind.record_in_libvirt and sealed is not None
+                       and len(clean) + _metadata_size(sealed) <= xmldocs.DEFINITION_BUDGET)
+        if kind.record_in_libvirt:
+            obj.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                            records.element(sealed) if in_metadata else None,
+                            records.PREFIX if in_metadata else None, records.NAMESPACE,
+                            libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if sealed is None or in_metadata:
+            store.forget(host_id, kind.name, key)
+        else:
+            store.put(host_id, kind.name, key, sealed)
+
     def forget(self, conn: libvirt.virConnect, kind_name: str, key: Key) -> None:
-        """Drop the record of an object that is gone (undefined, deleted)."""
-        if not KINDS[kind_name].record_in_libvirt:
-            self.store.forget(self._host_id(conn), kind_name, key)
+        """Drop the records of an object that is gone (undefined, deleted)."""
+        host_id, store = self._host(conn)
+        store.forget(host_id, kind_name, key)
+        if kind_name == "pool":
+            store.forget_scope(host_id, "volume", key)
+
+    def prune(self, conn: libvirt.virConnect, kind_name: str, present: list[Key],
+              since: float, scope: str = "") -> None:
+        """Drop the records of objects that a listing started at `since` did not show."""
+        host_id, store = self._host(conn)
+        store.prune(host_id, kind_name, scope, present, since)
+        if kind_name == "pool":
+            store.prune(host_id, "volume", "", present, since)
+
+
+# libvirt's errors for an object that does not exist.
+_GONE = frozenset({libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK,
+                   libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL})
+
+
+def _metadata_size(sealed: records.Written) -> int:
+    """The bytes our element adds to libvirt's rendering of a domain."""
+    return (len(records.element(sealed)) + len(records.PREFIX) * 2
+            + len(records.NAMESPACE) + 64)
+
+
+def _drop_records(root: etree._Element) -> None:
+    """Remove elements in our namespace from a document before libvirt sees it: records
+    are libvirtfs's to write (one in a document would show as the write's own bytes
+    anyway, which keep it)."""
+    for element in root.findall(f"metadata/{{{records.NAMESPACE}}}*"):
+        metadata = element.getparent()
+        metadata.remove(element)
+        if len(metadata) == 0 and not (metadata.text or "").strip():
+            metadata.getparent().remove(metadata)
 
 
 def _keep_identity(new: etree._Element, current: etree._Element, kind: str) -> None:
@@ -220,8 +298,8 @@ def _keep_passwords(new: etree._Element, domain: Any) -> None:
     """`xml` never shows graphics passwords (like virsh dumpxml); a document written back
     without one keeps the password the domain has."""
     try:
-        secure = etree.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE
-                                                 | libvirt.VIR_DOMAIN_XML_SECURE).encode())
+        secure = xmldocs.from_libvirt(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE
+                                                     | libvirt.VIR_DOMAIN_XML_SECURE))
     except libvirt.libvirtError:
         return  # a read-only connection cannot see them, so cannot lose them either
     old_graphics = secure.findall("devices/graphics")
@@ -236,4 +314,4 @@ def _keep_passwords(new: etree._Element, domain: Any) -> None:
 
 
 def _copy(element: etree._Element) -> etree._Element:
-    return etree.fromstring(etree.tostring(element))
+    return copy.deepcopy(element)

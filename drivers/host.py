@@ -9,6 +9,8 @@ works; what a hypervisor lacks surfaces as DriverError(EOPNOTSUPP) for that call
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from libvirtfs.drivers.states import (
     version_string,
     volume_type_word,
 )
+
+log = logging.getLogger(__name__)
 
 Info = dict[str, Any]
 
@@ -101,8 +105,21 @@ class Host(SnapshotCalls):
 
     async def list_domains(self) -> list[tuple[str, str]]:
         """(uuid, name) of every domain, active or defined: one libvirt call."""
-        return await self.connection.call(
-            lambda conn: [(d.UUIDString(), d.name()) for d in conn.listAllDomains(0)])
+        def fetch(conn: libvirt.virConnect) -> list[tuple[str, str]]:
+            since = time.time()
+            domains = [(d.UUIDString(), d.name()) for d in conn.listAllDomains(0)]
+            self._prune(conn, "domain", [uuid for uuid, _ in domains], since)
+            return domains
+        return await self.connection.call(fetch)
+
+    def _prune(self, conn: libvirt.virConnect, kind: str, present: list[str], since: float,
+               scope: str = "") -> None:
+        """Drop the records (kept outside libvirt) of objects removed outside libvirtfs; a
+        listing never fails for it."""
+        try:
+            self.definitions.prune(conn, kind, present, since, scope)
+        except (OSError, libvirt.libvirtError) as e:
+            log.debug("pruning %s records: %s", kind, e)
 
     async def domain_state(self, uuid: str) -> tuple[str, str]:
         def fetch(conn: libvirt.virConnect) -> tuple[str, str]:
@@ -142,8 +159,12 @@ class Host(SnapshotCalls):
             lambda conn: records.strip(_domain(conn, uuid).XMLDesc(0))[0])
 
     async def list_pools(self) -> list[tuple[str, str]]:
-        return await self.connection.call(
-            lambda conn: [(p.UUIDString(), p.name()) for p in conn.listAllStoragePools(0)])
+        def fetch(conn: libvirt.virConnect) -> list[tuple[str, str]]:
+            since = time.time()
+            pools = [(p.UUIDString(), p.name()) for p in conn.listAllStoragePools(0)]
+            self._prune(conn, "pool", [uuid for uuid, _ in pools], since)
+            return pools
+        return await self.connection.call(fetch)
 
     async def pool_state(self, uuid: str) -> str:
         return await self.connection.call(
@@ -170,7 +191,10 @@ class Host(SnapshotCalls):
             pool = _pool(conn, pool_uuid)
             if not pool.isActive():
                 return []  # an inactive pool has no volume list to give
-            return [v.name() for v in pool.listAllVolumes(0)]
+            since = time.time()
+            names = [v.name() for v in pool.listAllVolumes(0)]
+            self._prune(conn, "volume", names, since, scope=pool_uuid)
+            return names
         return await self.connection.call(fetch)
 
     async def volume_path(self, pool_uuid: str, name: str) -> str:
@@ -194,8 +218,12 @@ class Host(SnapshotCalls):
     # -- networks ----------------------------------------------------------------------
 
     async def list_networks(self) -> list[tuple[str, str]]:
-        return await self.connection.call(
-            lambda conn: [(n.UUIDString(), n.name()) for n in conn.listAllNetworks(0)])
+        def fetch(conn: libvirt.virConnect) -> list[tuple[str, str]]:
+            since = time.time()
+            networks = [(n.UUIDString(), n.name()) for n in conn.listAllNetworks(0)]
+            self._prune(conn, "network", [uuid for uuid, _ in networks], since)
+            return networks
+        return await self.connection.call(fetch)
 
     async def network_state(self, uuid: str) -> str:
         return await self.connection.call(

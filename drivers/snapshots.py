@@ -96,7 +96,9 @@ def _snapshot(conn: libvirt.virConnect, uuid: str, name: str) -> libvirt.virDoma
 
 
 def _document(snap: libvirt.virDomainSnapshot) -> etree._Element:
-    return xmldocs.parse(snap.getXMLDesc(0).encode(), "domainsnapshot")
+    """A snapshot's document as libvirt has it: not a user's document, so whatever its size
+    (a long description, a large domain definition), it is read."""
+    return xmldocs.from_libvirt(snap.getXMLDesc(0))
 
 
 def _exists(dom: libvirt.virDomain, name: str) -> bool:
@@ -194,6 +196,7 @@ class SnapshotCalls:
         (VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE, with `current` and `validate` if given)."""
         root = parse_template(data)
         xmldocs.check_name(root, name, "snapshot")
+        xmldocs.check_size(root, "snapshot")
         document = etree.tostring(root, encoding="unicode")
         value = CREATE_FLAGS["redefine"] | bits(
             [f for f in flags if f in SNAPSHOT_REDEFINE_FLAGS], CREATE_FLAGS)

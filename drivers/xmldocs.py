@@ -1,16 +1,38 @@
 """Reading documents users write, safely, and the checks every definition gets.
 
-The parser never expands entities, never loads a DTD, never touches the network and refuses
-documents over `MAX_DOCUMENT_BYTES`, so a hostile document costs nothing and reveals nothing.
+`parse` is the one parser for everything users write: it never expands entities, never
+loads a DTD, never touches the network, allows no huge trees and refuses documents over
+`MAX_DOCUMENT_BYTES`, so a hostile document costs nothing and reveals nothing.  What libvirt
+hands back is read with `from_libvirt`, which has no size limit: libvirt's own rendering
+(of a snapshot, say) may be larger than anything a user may write.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 
 from lxml import etree
 
-MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+# libvirt's RPC carries no string longer than this (VIR_NET_MESSAGE_STRING_MAX): a domain
+# whose definition, with its read-your-writes record, is longer can be defined but never read
+# back, by `virsh dumpxml` or by `cat xml`.
+RPC_STRING_MAX = 4 * 1024 * 1024
+
+# What a running domain's live definition, or a snapshot's document around the definition,
+# may add to the persistent definition.
+LIVE_ROOM = 256 * 1024
+
+# A persistent definition and its record together stay within this; so does a document.
+DEFINITION_BUDGET = RPC_STRING_MAX - LIVE_ROOM
+MAX_DOCUMENT_BYTES = DEFINITION_BUDGET
+
+# What libvirt adds to a document on its own (default devices, addresses, ...), at most.
+DEFAULTS_ROOM = 64 * 1024
+
+
+def too_big(message: str) -> OSError:
+    return OSError(errno.EFBIG, message)
 
 
 def invalid(message: str) -> OSError:
@@ -20,8 +42,8 @@ def invalid(message: str) -> OSError:
 def parse(data: bytes, root: str) -> etree._Element:
     """The document's root element, or OSError(EINVAL/EFBIG) saying what is wrong."""
     if len(data) > MAX_DOCUMENT_BYTES:
-        raise OSError(errno.EFBIG, f"document is {len(data)} bytes; the limit is "
-                                   f"{MAX_DOCUMENT_BYTES}")
+        raise too_big(f"document is {len(data)} bytes; the limit is {MAX_DOCUMENT_BYTES}, "
+                      f"so that libvirt can always hand the definition back")
     if not data.strip():
         raise invalid("empty document")
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
@@ -36,6 +58,39 @@ def parse(data: bytes, root: str) -> etree._Element:
     if element.tag != root:
         raise invalid(f"the document is a <{element.tag}>, not a <{root}>")
     return element
+
+
+_LIBVIRT_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                                  huge_tree=True)
+
+
+def from_libvirt(text: str) -> etree._Element:
+    """A document libvirt rendered (a definition, a snapshot, the capabilities): no limit
+    on its size, since users did not write it and `xml` must show whatever libvirt has."""
+    return etree.fromstring(text.encode(), _LIBVIRT_PARSER)
+
+
+def rendered_size(root: etree._Element) -> int:
+    """About how many bytes libvirt's rendering of `root` takes, erring high: libvirt puts
+    every element on a line of its own, indented, escapes quotes in text and attribute
+    values as &apos; and &quot; (6 bytes for 1), and adds defaults of its own."""
+    bare = _strip_blank_text(copy.deepcopy(root))
+    quotes = 0
+    for node in root.iter():
+        for text in (node.text, node.tail, *node.attrib.values()):
+            if text:
+                quotes += text.count("'") + text.count('"')
+    return len(etree.tostring(bare, pretty_print=True)) + 5 * quotes + DEFAULTS_ROOM
+
+
+def check_size(root: etree._Element, what: str) -> None:
+    """EFBIG for a document that libvirt would accept but could never hand back."""
+    size = rendered_size(root)
+    if size > DEFINITION_BUDGET:
+        raise too_big(f"libvirt would render this {what} in about {size} bytes; it hands "
+                      f"back at most {RPC_STRING_MAX} bytes, and libvirtfs keeps "
+                      f"{RPC_STRING_MAX - DEFINITION_BUDGET} of them for what libvirt adds "
+                      f"when the {what} runs")
 
 
 def _has_entities(element: etree._Element) -> bool:
@@ -61,10 +116,29 @@ def check_name(element: etree._Element, expected: str | None, what: str) -> str:
     return name
 
 
-def canonical(text: str | bytes) -> bytes:
+def _strip_blank_text(root: etree._Element) -> etree._Element:
+    """`root` without whitespace between elements, which libvirt does not keep."""
+    for node in root.iter():
+        if node.text is not None and not node.text.strip() and len(node):
+            node.text = None
+        if node.tail is not None and not node.tail.strip():
+            node.tail = None
+    return root
+
+
+def canonical(root: etree._Element) -> bytes:
     """A form in which two documents that libvirt reads alike compare equal (whitespace
-    between elements and attribute quoting do not matter)."""
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             remove_blank_text=True, remove_comments=True)
-    data = text.encode() if isinstance(text, str) else text
-    return etree.tostring(etree.fromstring(data, parser), method="c14n")
+    between elements, attribute quoting and comments do not matter)."""
+    element = copy.deepcopy(root)
+    for comment in element.xpath("//comment()"):
+        parent = comment.getparent()
+        if parent is None:
+            continue
+        if comment.tail:  # the text after the comment stays
+            previous = comment.getprevious()
+            if previous is not None:
+                previous.tail = (previous.tail or "") + comment.tail
+            else:
+                parent.text = (parent.text or "") + comment.tail
+        parent.remove(comment)
+    return etree.tostring(_strip_blank_text(element), method="c14n")
