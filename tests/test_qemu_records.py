@@ -40,6 +40,7 @@ def name(qemu_uri: str):
     run(*virsh, "destroy", name, check=False)
     run(*virsh, "undefine", name, check=False)
     run(*virsh, "net-undefine", name, check=False)
+    run(*virsh, "pool-destroy", name, check=False)
     run(*virsh, "pool-undefine", name, check=False)
 
 
