@@ -73,3 +73,24 @@ def test_drivers_translate_every_word_of_the_tree() -> None:
     assert list(snapshots.REVERT_WORDS) == words.SNAPSHOT_REVERT_WORDS
     # reset-nvram needs libvirt 8.5; an older one refuses it with EOPNOTSUPP.
     assert set(snapshots.REVERT_MODIFIERS) <= set(words.SNAPSHOT_REVERT_MODIFIERS)
+
+
+def test_the_host_gives_what_the_tree_asks_of_it() -> None:
+    # nodes/backend.py says what nodes call; drivers.host.Host must answer all of it alike.
+    import inspect
+
+    from libvirtfs.drivers.host import Host
+    from libvirtfs.nodes import backend
+
+    def parameters(function: object) -> list[str]:
+        return [p for p in inspect.signature(function).parameters if p != "self"]
+
+    asked = {name: value for name, value in vars(backend.Host).items()
+             if not name.startswith("_") and callable(value)}
+    assert asked
+    for name, value in asked.items():
+        given = getattr(Host, name, None)
+        assert given is not None, f"drivers.host.Host lacks {name}"
+        assert parameters(given) == parameters(value), name
+        assert inspect.iscoroutinefunction(given) == inspect.iscoroutinefunction(value), name
+    assert isinstance(Host.max_document_bytes, int)
