@@ -39,6 +39,15 @@ def invalid(message: str) -> OSError:
     return OSError(errno.EINVAL, message)
 
 
+def _hardened_parser(*, huge_tree: bool) -> etree.XMLParser:
+    """The one way XML is read here: entities never expanded, no DTD loaded, no network.
+    Users' documents are small (no huge trees); libvirt's own renderings may be larger.
+    A new parser per document: parses run in worker threads, and lxml serializes threads
+    that share a parser."""
+    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                           dtd_validation=False, huge_tree=huge_tree)
+
+
 def parse(data: bytes, root: str) -> etree._Element:
     """The document's root element, or OSError(EINVAL/EFBIG) saying what is wrong."""
     if len(data) > MAX_DOCUMENT_BYTES:
@@ -46,10 +55,8 @@ def parse(data: bytes, root: str) -> etree._Element:
                       f"so that libvirt can always hand the definition back")
     if not data.strip():
         raise invalid("empty document")
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             dtd_validation=False, huge_tree=False, remove_comments=False)
     try:
-        element = etree.fromstring(data, parser)
+        element = etree.fromstring(data, _hardened_parser(huge_tree=False))
     except etree.XMLSyntaxError as e:
         line, column = e.position
         raise invalid(f"malformed XML at line {line}, column {column}: {e.msg}") from None
@@ -60,14 +67,10 @@ def parse(data: bytes, root: str) -> etree._Element:
     return element
 
 
-_LIBVIRT_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                                  huge_tree=True)
-
-
 def from_libvirt(text: str) -> etree._Element:
     """A document libvirt rendered (a definition, a snapshot, the capabilities): no limit
     on its size, since users did not write it and `xml` must show whatever libvirt has."""
-    return etree.fromstring(text.encode(), _LIBVIRT_PARSER)
+    return etree.fromstring(text.encode(), _hardened_parser(huge_tree=True))
 
 
 def rendered_size(root: etree._Element) -> int:
