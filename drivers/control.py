@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import libvirt
 
@@ -42,8 +42,27 @@ ACTIONS: dict[str, dict[str, Action]] = {
     },
 }
 
-def remove_object(conn: libvirt.virConnect, kind: str, key: Key) -> None:
-    """rmdir: undefine a domain, pool or network (refused while active), delete a volume."""
+# The words of nodes/words.py's UNDEFINE_FLAGS (user.undefine-flags on domains/).
+UNDEFINE_FLAGS: dict[str, int] = {
+    "managed-save": libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
+    "snapshots-metadata": libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
+    "checkpoints-metadata": libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+    "nvram": libvirt.VIR_DOMAIN_UNDEFINE_NVRAM,
+    "keep-nvram": libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM,
+}
+
+
+def _has_managed_save(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(dom.hasManagedSaveImage(0))
+    except libvirt.libvirtError:
+        return False  # a hypervisor without managed save has no image to lose
+
+
+def remove_object(conn: libvirt.virConnect, kind: str, key: Key,
+                  words: Sequence[str] = ()) -> None:
+    """rmdir: undefine a domain, pool or network (refused while active), delete a volume.
+    `words` (UNDEFINE_FLAGS) say what may go with a domain; nothing else goes silently."""
     obj = KINDS[kind].lookup(conn, key)
     if kind == "volume":
         obj.delete(0)
@@ -53,11 +72,18 @@ def remove_object(conn: libvirt.virConnect, kind: str, key: Key) -> None:
                 "network": "echo stop > control"}[kind]
         raise OSError(errno.EBUSY, f"{kind} {obj.name()!r} is active; stop it first ({hint})")
     if kind == "domain":
-        if obj.snapshotNum(0):
+        if obj.snapshotNum(0) and "snapshots-metadata" not in words:
             raise OSError(errno.ENOTEMPTY, f"domain {obj.name()!r} has snapshots; remove "
                                            f"them first (rmdir snapshots/NAME)")
-        # A managed save image belongs to this definition alone: it goes with it.
-        obj.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        if "managed-save" not in words and _has_managed_save(obj):
+            raise OSError(errno.EBUSY, f"domain {obj.name()!r} has a managed save image, "
+                                       f"which undefining would discard; start it, or "
+                                       f"setfattr -n user.undefine-flags -v managed-save on "
+                                       f"domains/ to discard the image with the domain")
+        flags = 0
+        for word in words:
+            flags |= UNDEFINE_FLAGS[word]
+        obj.undefineFlags(flags)
     else:
         obj.undefine()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,9 +272,10 @@ class Host(SnapshotCalls):
             KINDS[kind].lookup(conn, key).setAutostart(int(value))
         await self.connection.call(apply)
 
-    async def remove(self, kind: str, key: Key) -> None:
+    async def remove(self, kind: str, key: Key, words: Sequence[str] = ()) -> None:
+        """rmdir; `words` are a domain's undefine flags (UNDEFINE_WORDS)."""
         def apply(conn: libvirt.virConnect) -> None:
-            remove_object(conn, kind, key)
+            remove_object(conn, kind, key, words)
             self.definitions.forget(conn, kind, key)
         await self.connection.call(apply)
 

@@ -11,14 +11,40 @@ import trio
 from libvirtfs.nodes.base import Entry, QueryFile, fs_error
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
-from libvirtfs.nodes.words import CONTROL_WORDS, DOMAIN_STATES, DOMAIN_WORDS_BY_STATE
+from libvirtfs.nodes.words import (
+    CONTROL_WORDS,
+    DOMAIN_STATES,
+    DOMAIN_WORDS_BY_STATE,
+    UNDEFINE_FLAGS,
+    parse_words,
+)
 
 DEFAULT_WAIT_SECONDS = 60.0
 WAIT_POLL_SECONDS = 0.1
 
 
+UNDEFINE = "user.undefine-flags"
+
+
+def undefine_words(value: bytes) -> list[str]:
+    """user.undefine-flags: a comma-separated list of UNDEFINE_FLAGS, not both nvram and
+    keep-nvram; OSError(EINVAL) saying what is wrong."""
+    words = parse_words(value, UNDEFINE_FLAGS, "undefine flag")
+    if {"nvram", "keep-nvram"} <= set(words):
+        raise fs_error(errno.EINVAL, "nvram removes the NVRAM file and keep-nvram keeps it: "
+                                     "choose one")
+    return words
+
+
 class DomainsDirectory(CollectionDirectory):
+    """domains/; `user.undefine-flags` says what rmdir may discard with a domain, for as
+    long as the mount runs."""
+
     kind = "domain"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.undefine: list[str] = []
 
     async def listing(self) -> list[tuple[str, str]]:
         return await self.host.list_domains()
@@ -26,9 +52,29 @@ class DomainsDirectory(CollectionDirectory):
     def make(self, key: str | None) -> ObjectDirectory:
         return DomainDirectory(self.ctx, self.host, key)
 
+    def removal_words(self) -> list[str]:
+        return list(self.undefine)
+
+    async def xattrs(self) -> dict[str, bytes]:
+        mine = {UNDEFINE: ",".join(self.undefine).encode()} if self.undefine else {}
+        return {**mine, **await super().xattrs()}
+
+    async def set_xattr(self, name: str, value: bytes) -> None:
+        if name != UNDEFINE:
+            await super().set_xattr(name, value)
+            return
+        self.undefine = undefine_words(value)  # an empty value is the default
+
+    async def remove_xattr(self, name: str) -> None:
+        if name == UNDEFINE and self.undefine:
+            self.undefine = []
+            return
+        await super().remove_xattr(name)
+
 
 class DomainDirectory(ObjectDirectory):
     kind = "domain"
+    served_names = ObjectDirectory.served_names | {"live.xml", "snapshots"}
 
     async def state(self) -> str:
         return (await self.host.domain_state(self.key))[0]  # type: ignore[arg-type]

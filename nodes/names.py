@@ -9,8 +9,10 @@ maps to exactly one file name and back.  A few folders also reserve names of the
 from __future__ import annotations
 
 import errno
+import os
 import re
 
+NAME_MAX = 255  # what statfs reports (f_namemax)
 _UNSAFE = re.compile(r"[%/\x00]")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 
@@ -38,6 +40,10 @@ def from_filename(filename: str) -> str:
 def name_for_new_object(filename: str, reserved: frozenset[str] = frozenset()) -> str:
     """The libvirt name a `mkdir FILENAME` asks for.  Only the form listings show is taken
     (`x%41` would make `xA`, shown as `xA`: a surprise), and libvirt names are UTF-8."""
+    if len(os.fsencode(filename)) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"a file name has at most {NAME_MAX} bytes, as "
+                                          f"statfs says; {filename[:20]!r}... has "
+                                          f"{len(os.fsencode(filename))}")
     try:
         name = from_filename(filename)
         name.encode()

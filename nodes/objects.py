@@ -3,7 +3,13 @@
 `CollectionDirectory` (domains/, pools/, networks/, volumes/) lists objects and handles
 mkdir (a pending entry, visible in this mount until its `xml` is written), rmdir (undefine,
 delete) and mv (rename).  `ObjectDirectory` is one object's folder: its served files, and
-scratch files that tools create beside them.
+scratch files that tools create beside them.  A served name always means the served file:
+no scratch file can take it, so restoring a saved folder with cp, tar or rsync defines the
+object from its `xml` and leaves `control` and the others served.
+
+Each object folder has one lock for what changes the object (define, control words,
+rmdir, mv), so an rmdir never races a `start` into a transient running domain; and a
+`Guard` (guard.py) that keeps recursive deletes from removing it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import trio
 
 from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, QueryFile, fs_error
+from libvirtfs.nodes.guard import Guard
 from libvirtfs.nodes.names import from_filename, name_for_new_object
 from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.words import CONTROL_WORDS
@@ -27,6 +34,9 @@ class ObjectDirectory(Directory):
     """One libvirt object; `key` is None while it is pending (made by mkdir, not defined)."""
 
     kind: ClassVar[str]
+    # Every name `served()` gives: never a scratch file's, even while pending.
+    served_names: ClassVar[frozenset[str]] = frozenset({"state", "info", "xml", "autostart",
+                                                        "control"})
 
     def __init__(self, ctx: Context, host: Host, key: str | None,
                  parent_key: str | None = None) -> None:
@@ -35,7 +45,9 @@ class ObjectDirectory(Directory):
         self.key = key
         self.parent_key = parent_key
         self._scratch: dict[str, ScratchFile] = {}
-        self._define_lock = trio.Lock()
+        self.lock = trio.Lock()  # define, control words, rmdir and mv, one at a time
+        self.guard = Guard()
+        self._xml_created = False  # pending: `xml` appears once a writer creates it
 
     def permissions(self) -> int:
         return 0o555 if self.ctx.read_only else 0o755
@@ -66,7 +78,8 @@ class ObjectDirectory(Directory):
             raise fs_error(errno.EINVAL, f"unknown control word "
                                          f"{' '.join([word, *arguments])!r}; the words are: "
                                          f"{', '.join(words)}")
-        await self.host.control(self.kind, self.key, word)  # type: ignore[arg-type]
+        async with self.lock:
+            await self.host.control(self.kind, self.key, word)  # type: ignore[arg-type]
         self.invalidate_all()
 
     def invalidate_all(self) -> None:
@@ -102,11 +115,15 @@ class ObjectDirectory(Directory):
 
     async def scan(self) -> list[Entry]:
         if self.key is None:
+            # Empty, so that cp -r, tar and install can create `xml` (they use O_EXCL).
+            if not self._xml_created:
+                return []
             return [Entry("xml", "xml", lambda: DefinitionFile(self.ctx, self))]
         return self.served()
 
     def extra_children(self) -> dict[str, Node]:
-        return dict(self._scratch)
+        return {name: scratch for name, scratch in self._scratch.items()
+                if name not in self._by_name}
 
     # -- the definition ----------------------------------------------------------------
 
@@ -116,7 +133,7 @@ class ObjectDirectory(Directory):
         return await self.host.definition(self.kind, self.key)
 
     async def define(self, data: bytes) -> None:
-        async with self._define_lock:  # two writers: each commit whole, the last wins
+        async with self.lock:  # two writers: each commit whole, the last wins
             key = await self.host.define(self.kind, self.key, self.libvirt_name, data,
                                          parent=self.parent_key)
             if self.key is None:
@@ -127,9 +144,28 @@ class ObjectDirectory(Directory):
 
     # -- scratch files -----------------------------------------------------------------
 
+    def _not_a_scratch_name(self, name: str) -> OSError:
+        when = (f"once the {self.kind} is defined (write its xml first)" if self.pending
+                else "by libvirtfs")
+        return fs_error(errno.EPERM, f"{self.path}/{name} is served {when}; a file of that "
+                                     f"name cannot be made here")
+
+    async def _created_xml(self) -> File:
+        """A pending folder's `xml`, made by a writer (cp, tar, install, `>`)."""
+        self._xml_created = True
+        self.invalidate()
+        node = (await self.children(refresh=True))["xml"]
+        assert isinstance(node, File)
+        self.touch()
+        return node
+
     async def create(self, name: str) -> File:
         if name in await self.children():
             raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
+        if name in self.served_names:
+            if self.pending and name == "xml":
+                return await self._created_xml()
+            raise self._not_a_scratch_name(name)
         scratch = ScratchFile(self.ctx)
         scratch.parent, scratch.name = self, name
         self._scratch[name] = scratch
@@ -144,6 +180,7 @@ class ObjectDirectory(Directory):
         node = (await self.children()).get(name)
         if node is None:
             raise fs_error(errno.ENOENT, f"{self.path}/{name} does not exist")
+        self.guard.arm()  # a recursive delete: its rmdir of this folder is refused too
         raise fs_error(errno.EPERM, f"{node.path} is served by libvirtfs and cannot be "
                                     f"removed; rmdir {self.path} removes the {self.kind}")
 
@@ -159,6 +196,23 @@ class ObjectDirectory(Directory):
         existing = (await target.children()).get(new_name)
         if existing is not None and not replace:
             raise fs_error(errno.EEXIST, f"{target.path}/{new_name} exists")
+        if (existing is None and isinstance(target, ObjectDirectory)
+                and new_name in target.served_names):
+            if not (target.pending and new_name == "xml"):
+                raise target._not_a_scratch_name(new_name)
+            # rsync and Ansible write `.xml.XXXXXX`, then rename it onto `xml`: a commit.
+            existing = await target._created_xml()
+            try:
+                await existing.commit(source.data)
+            except OSError:
+                if target.pending:
+                    target._xml_created = False
+                    target.invalidate()
+                raise
+            self._scratch.pop(name, None)
+            source.replaced = existing
+            self.touch()
+            return
         if existing is not None and not isinstance(existing, ScratchFile):
             if not isinstance(existing, File) or not existing.writable:
                 raise fs_error(errno.EPERM, f"{existing.path} cannot be replaced")
@@ -226,13 +280,27 @@ class CollectionDirectory(Directory):
         assert isinstance(node, ObjectDirectory)
         return node
 
+    def removal_words(self) -> list[str]:
+        """How rmdir removes (user.undefine-flags on domains/)."""
+        return []
+
     async def remove(self, name: str, *, directory: bool) -> None:
+        pending = self._pending.get(name)
+        if pending is not None:
+            # Only this mount's pending folder goes, even if someone else has defined an
+            # object of that name meanwhile.
+            if pending.lock.locked():
+                raise fs_error(errno.EBUSY, f"{pending.path}: its xml is being defined now")
+            del self._pending[name]
+            self.touch()
+            return
         node = await self._object(name)
-        if node.key is None:
-            self._pending.pop(name, None)
-        else:
-            await self.host.remove(self.kind, node.key)
-            self.invalidate()
+        what = f"{self.kind} {node.libvirt_name!r}"
+        node.guard.check_rmdir(node.path, what)
+        async with node.lock:
+            await self.host.remove(self.kind, node.key,  # type: ignore[arg-type]
+                                   self.removal_words())
+        self.invalidate()
         self.touch()
 
     async def rename(self, name: str, target: Directory, new_name: str, *,
@@ -248,7 +316,15 @@ class CollectionDirectory(Directory):
             node.name = new_name
             self._pending[new_name] = node
         else:
-            await self.host.rename(self.kind, node.key,
-                                   name_for_new_object(new_name, self.reserved))
+            async with node.lock:
+                await self.host.rename(self.kind, node.key,
+                                       name_for_new_object(new_name, self.reserved))
+            # The folder has its new name at once, and nothing rendered under the old one
+            # (an `xml` naming the old name) is shown again.
+            self._by_name.pop(name, None)
+            node.name = new_name
+            self._by_name = dict(sorted({**self._by_name, new_name: node}.items(),
+                                        key=lambda item: item[1].id))
+            node.invalidate_all()
             self.invalidate()
         self.touch()

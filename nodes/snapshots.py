@@ -3,8 +3,10 @@
 `mkdir snapshots/NAME` takes a snapshot, with the flags, description and template held
 as extended attributes of `snapshots/` (`user.flags`, `user.description`, `user.template`);
 `rmdir` deletes one, as `user.delete-flags` says.  These settings live in memory, in this
-node, for as long as the mount shows the domain.  With `redefine` among the flags, mkdir
-makes a pending folder instead, whose `xml` takes a saved document (see docs/snapshots.md).
+node, for as long as the mount shows the domain, except `user.flags`, which the next
+snapshot taken uses up (`halt` must not stay armed for every later mkdir by anyone).  With
+`redefine` among the flags, mkdir makes a pending folder instead, whose `xml` takes a saved
+document (see docs/snapshots.md); such flags stay until changed.
 
 A snapshot folder's mtime is the snapshot's creation time, so `ls -lt` sorts by age.  The
 `current` and `parent` links are nodes that keep their identity and change their target,
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from libvirtfs.nodes.backend import SnapshotSummary
 from libvirtfs.nodes.base import Context, Directory, Entry, Node, QueryFile, Symlink, fs_error
+from libvirtfs.nodes.guard import Guard
 from libvirtfs.nodes.names import name_for_new_object, to_filename
 from libvirtfs.nodes.objects import ObjectDirectory
 from libvirtfs.nodes.render import key_values, word
@@ -169,6 +172,7 @@ class SnapshotsDirectory(Directory):
         else:
             await self.host.create_snapshot(self.domain_uuid, snapshot, flags, description,
                                             template)
+            self.settings.pop(FLAGS, None)  # used up: one snapshot's flags
         self.last_error = ""
         await self.refresh_after_change(domain=True)
         made = self._by_name.get(name)
@@ -180,16 +184,29 @@ class SnapshotsDirectory(Directory):
         gone.parent, gone.name = self, name
         return gone
 
+    @property
+    def guard(self) -> Guard:
+        """The domain folder's: a refused removal in here is one inside the domain."""
+        owner = self.parent
+        return owner.guard if isinstance(owner, ObjectDirectory) else Guard()
+
     async def remove(self, name: str, *, directory: bool) -> None:
-        if name in self._pending:
+        pending = self._pending.get(name)
+        if pending is not None:
+            if pending.lock.locked():
+                raise fs_error(errno.EBUSY, f"{pending.path}: its xml is being defined now")
             del self._pending[name]
             self.touch()
             return
         node = await self.lookup(name)
         if not isinstance(node, SnapshotDirectory):
+            self.guard.arm()
             raise fs_error(errno.EPERM, f"{node.path} is a link libvirtfs keeps; it goes "
                                         f"when there is no current snapshot")
-        await self.host.delete_snapshot(self.domain_uuid, node.snapshot, self.words(DELETE))
+        node.guard.check_rmdir(node.path, f"snapshot {node.snapshot!r}")
+        async with node.lock:
+            await self.host.delete_snapshot(self.domain_uuid, node.snapshot,
+                                            self.words(DELETE))
         self.last_error = ""
         await self.refresh_after_change(domain=False)
 
@@ -209,6 +226,7 @@ class SnapshotDirectory(ObjectDirectory):
     any object's folder, tools may make scratch files here (sed -i, editors)."""
 
     kind = "snapshot"
+    served_names = frozenset({"xml", "state", "info", "control", "parent"})
 
     def __init__(self, ctx: Context, snapshots: SnapshotsDirectory, name: str, *,
                  pending: bool = False, metadata: bool = True) -> None:
@@ -248,7 +266,7 @@ class SnapshotDirectory(ObjectDirectory):
         ctx = self.ctx
         xml = Entry("xml", "xml", lambda: DefinitionFile(ctx, self))
         if self.pending:
-            return [xml]
+            return [xml] if self._xml_created else []
         await self.snapshots.children()  # our parent link and mtime come from the listing
         if self.snapshots.summary(self.snapshot) is None:
             raise fs_error(errno.ENOENT, f"snapshot {self.snapshot!r} does not exist")
@@ -286,7 +304,7 @@ class SnapshotDirectory(ObjectDirectory):
     async def define(self, data: bytes) -> None:
         """A whole `<domainsnapshot>` document written to `xml` redefines the snapshot's
         metadata (VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)."""
-        async with self._define_lock:
+        async with self.lock:
             await self.host.redefine_snapshot(self.domain_uuid, self.snapshot, data,
                                               self.snapshots.words(FLAGS))
             if self.pending:
@@ -303,5 +321,7 @@ class SnapshotDirectory(ObjectDirectory):
                                          f"{' '.join([command, *arguments])!r}; the words are "
                                          f"{', '.join(SNAPSHOT_REVERT_WORDS)}, optionally "
                                          f"followed by {', '.join(SNAPSHOT_REVERT_MODIFIERS)}")
-        await self.host.revert_snapshot(self.domain_uuid, self.snapshot, command, arguments)
+        async with self.lock:
+            await self.host.revert_snapshot(self.domain_uuid, self.snapshot, command,
+                                            arguments)
         await self.snapshots.refresh_after_change(domain=True)

@@ -26,6 +26,7 @@ class PoolsDirectory(CollectionDirectory):
 
 class PoolDirectory(ObjectDirectory):
     kind = "pool"
+    served_names = ObjectDirectory.served_names | {"volumes"}
 
     async def state(self) -> str:
         return await self.host.pool_state(self.key)  # type: ignore[arg-type]
@@ -54,6 +55,7 @@ class VolumesDirectory(CollectionDirectory):
 
 class VolumeDirectory(ObjectDirectory):
     kind = "volume"
+    served_names = frozenset({"xml", "info", "path"})
 
     def served(self) -> list[Entry]:
         host, ctx = self.host, self.ctx

@@ -33,6 +33,11 @@ CONTROL_WORDS: dict[str, list[str]] = {
     "network": ["start", "stop"],
 }
 
+# domains/: `user.undefine-flags`, what rmdir may discard with a domain
+# (VIR_DOMAIN_UNDEFINE_*).
+UNDEFINE_FLAGS = ["managed-save", "snapshots-metadata", "checkpoints-metadata", "nvram",
+                  "keep-nvram"]
+
 # snapshots/: `user.flags` (libvirt's VIR_DOMAIN_SNAPSHOT_CREATE_*, in libvirt's order).
 SNAPSHOT_CREATE_FLAGS = ["redefine", "current", "no-metadata", "halt", "disk-only",
                          "reuse-ext", "quiesce", "atomic", "live", "validate"]

@@ -239,9 +239,9 @@ def test_redefine_restores_a_tree(snaps: Path, tmp_path: Path) -> None:
 
     run("setfattr", "-n", "user.flags", "-v", "redefine", snaps)
     run("mkdir", snaps / "a")
-    # Pending: only this mount shows it, until its xml is written.
-    assert os.listdir(snaps / "a") == ["xml"]
-    assert (snaps / "a/xml").read_text() == ""
+    # Pending: only this mount shows it, empty until its xml is written.
+    assert os.listdir(snaps / "a") == []
+    assert "a" in os.listdir(snaps)
     run("cp", saved / "a.xml", snaps / "a/xml")
     assert sorted(os.listdir(snaps / "a")) == ["control", "info", "state", "xml"]
     for name in "bc":

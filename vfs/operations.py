@@ -19,6 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from libvirtfs.nodes.base import Context, Directory, File, Node, Symlink, fs_error
+from libvirtfs.nodes.guard import calling
 from libvirtfs.nodes.handles import Handle
 from libvirtfs.vfs.handles import HandleTable
 from libvirtfs.vfs.inodes import InodeTable
@@ -232,11 +233,13 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self._remove(parent_inode, name, directory=True)
+        with calling(ctx.pid):  # who removes decides what rmdir may do (nodes/guard.py)
+            await self._remove(parent_inode, name, directory=True)
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self._remove(parent_inode, name, directory=False)
+        with calling(ctx.pid):
+            await self._remove(parent_inode, name, directory=False)
 
     async def _remove(self, parent_inode: int, name: bytes, *, directory: bool) -> None:
         self._check_writable_mount()
