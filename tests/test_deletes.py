@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import xattr
 from conftest import Mounted, expect_errno, info, run, sh, user_error, write_file
 
 WEB = """<domain type='test'>
@@ -195,3 +196,39 @@ def test_a_renamed_domain_is_writable_under_its_new_name_at_once(web: Path,
     www = domains / "www"
     assert info(www / "info")["max-memory"] == "65536"
     assert "<name>www</name>" in (www / "xml").read_text()
+
+
+def test_undefine_flags_are_checked_at_setfattr(domains: Path) -> None:
+    run("setfattr", "-n", "user.undefine-flags", "-v", "managed-save, nvram", domains)
+    assert run("getfattr", "-n", "user.undefine-flags", "--only-values", domains
+               ).stdout == "managed-save,nvram"
+    expect_errno(errno.EINVAL, xattr.setxattr, str(domains), "user.undefine-flags",
+                 b"everything")
+    assert "managed-save, snapshots-metadata, checkpoints-metadata, nvram, keep-nvram" in \
+        user_error(domains)
+    expect_errno(errno.EINVAL, xattr.setxattr, str(domains), "user.undefine-flags",
+                 b"nvram,keep-nvram")
+    assert "choose one" in user_error(domains)
+    run("setfattr", "-x", "user.undefine-flags", domains)
+    assert "user.undefine-flags" not in xattr.listxattr(str(domains))
+
+
+def test_halt_is_used_by_one_snapshot_only(demo: Mounted) -> None:
+    domain = demo.host() / "domains" / "test"
+    snaps = domain / "snapshots"
+    run("setfattr", "-n", "user.flags", "-v", "halt", snaps)
+    run("mkdir", snaps / "halted")
+    assert (domain / "state").read_text() == "shutoff\n"
+    assert "user.flags" not in xattr.listxattr(str(snaps))  # used up
+    sh(f"echo start > {domain / 'control'}")
+    run("mkdir", snaps / "later")  # by anyone, later: no halt
+    assert (domain / "state").read_text() == "running\n"
+    # A refused mkdir uses nothing up.
+    run("setfattr", "-n", "user.flags", "-v", "halt,disk-only", snaps)
+    assert run("mkdir", snaps / "refused", check=False).returncode
+    assert run("getfattr", "-n", "user.flags", "--only-values", snaps
+               ).stdout == "halt,disk-only"
+    # redefine (restoring saved snapshots, one mkdir each) stays until changed.
+    run("setfattr", "-n", "user.flags", "-v", "redefine", snaps)
+    run("mkdir", snaps / "pending")
+    assert run("getfattr", "-n", "user.flags", "--only-values", snaps).stdout == "redefine"

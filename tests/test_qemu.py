@@ -81,9 +81,16 @@ def test_control_words_on_qemu(mount_factory, qemu_uri: str, guest_name: str) ->
     assert "did not reach shutoff" in xattr.getxattr(str(control), "user.error").decode()
     say("destroy")
     assert state.read_text() == "shutoff\n"
-    # rmdir undefines; a managed save image goes with it.
+    # rmdir never discards a managed save image silently...
     say("start")
     say("managed-save")
+    refused = run("rmdir", folder, check=False)
+    assert refused.returncode and "Device or resource busy" in refused.stderr
+    assert "has a managed save image" in xattr.getxattr(str(folder.parent),
+                                                       "user.error").decode()
+    assert state.read_text() == "shutoff\n"
+    # ...only when user.undefine-flags on domains/ says so.
+    run("setfattr", "-n", "user.undefine-flags", "-v", "managed-save", folder.parent)
     run("rmdir", folder)
     assert guest_name not in os.listdir(folder.parent)
     assert run("virsh", "-c", qemu_uri, "dominfo", guest_name, check=False).returncode != 0

@@ -141,8 +141,10 @@ def test_disk_only_external_atomic_libvirt_makes_the_overlay(guest: Guest) -> No
     # Without reuse-ext, libvirt creates the overlay, naming its backing file absolutely.
     assert image(overlay)["backing-filename"] == str(guest.disk)
     assert live_disk(guest.folder) == str(overlay)
-    # Without a template, libvirt chooses the overlay's name beside the disk.
+    # Without a template, libvirt chooses the overlay's name beside the disk.  (The flags
+    # were used up by the snapshot they made.)
     run("setfattr", "-x", "user.template", guest.snaps)
+    guest.flags("disk-only,atomic")
     run("mkdir", guest.snaps / "ext2")
     assert info(guest.snaps / "ext2/info")["disk-vda"].startswith(f"external {guest.pool}/")
     assert os.readlink(guest.snaps / "ext2/parent") == "../ext1"
@@ -169,6 +171,7 @@ def test_reuse_ext_keeps_a_relative_backing_file_name(guest: Guest) -> None:
     assert guest.state() == "running"
 
     # reuse-ext with an overlay that is not there: libvirt refuses, nothing is made.
+    guest.flags("disk-only,reuse-ext,atomic")
     run("setfattr", "-n", "user.template", "-v",
         f"<domainsnapshot><disks><disk name='vda' snapshot='external'>"
         f"<source file='{guest.pool}/missing.qcow2'/></disk></disks></domainsnapshot>",
@@ -287,7 +290,7 @@ def test_redefine_after_undefine_and_define(guest: Guest, tmp_path: Path) -> Non
     guest.flags("redefine")
     for name in ("a", "b"):
         run("mkdir", guest.snaps / name)
-        assert os.listdir(guest.snaps / name) == ["xml"]
+        assert os.listdir(guest.snaps / name) == []  # pending: empty until xml is written
         run("cp", saved / f"{name}.xml", guest.snaps / name / "xml")
     assert os.readlink(guest.snaps / "b/parent") == "../a"
     assert info(guest.snaps / "b/info")["state"] == "running"
