@@ -273,7 +273,7 @@ class Host(SnapshotCalls):
         await self.connection.call(apply)
 
     async def remove(self, kind: str, key: Key, words: Sequence[str] = ()) -> None:
-        """rmdir; `words` are a domain's undefine flags (UNDEFINE_WORDS)."""
+        """rmdir; `words` are a domain's undefine flags (nodes/words.py UNDEFINE_FLAGS)."""
         def apply(conn: libvirt.virConnect) -> None:
             remove_object(conn, kind, key, words)
             self.definitions.forget(conn, kind, key)

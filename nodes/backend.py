@@ -9,6 +9,7 @@ Failures are OSErrors with an errno and a message for the user.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,7 +74,7 @@ class Host(Protocol):
     async def control(self, kind: str, key: str, word: str) -> None: ...
     async def autostart(self, kind: str, key: str) -> bool: ...
     async def set_autostart(self, kind: str, key: str, value: bool) -> None: ...
-    async def remove(self, kind: str, key: str, words: list[str]) -> None:
+    async def remove(self, kind: str, key: str, words: Sequence[str] = ()) -> None:
         """rmdir; `words` are a domain's UNDEFINE_FLAGS."""
     async def rename(self, kind: str, key: str, new_name: str) -> None: ...
 

@@ -59,10 +59,11 @@ def test_the_tree_loads_neither_libvirt_nor_lxml() -> None:
 
 def test_drivers_translate_every_word_of_the_tree() -> None:
     from libvirtfs.drivers import snapshots, states
-    from libvirtfs.drivers.control import ACTIONS
+    from libvirtfs.drivers.control import ACTIONS, UNDEFINE_FLAGS
     from libvirtfs.nodes import words
 
     assert {kind: list(actions) for kind, actions in ACTIONS.items()} == words.CONTROL_WORDS
+    assert list(UNDEFINE_FLAGS) == words.UNDEFINE_FLAGS
     assert states.DOMAIN_STATES == words.DOMAIN_STATES
     assert set(words.DOMAIN_WORDS_BY_STATE) == set(words.DOMAIN_STATES)
     for valid in words.DOMAIN_WORDS_BY_STATE.values():
