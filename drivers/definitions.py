@@ -220,7 +220,8 @@ class Definitions:
             else:
                 sealed = records.seal(key_bytes, records.subject(kind.name, key), written)
         in_metadata = (kind.record_in_libvirt and sealed is not None
-                       and len(clean) + _metadata_size(sealed) <= xmldocs.DEFINITION_BUDGET)
+                       and len(clean.encode()) + _metadata_size(sealed)
+                       <= xmldocs.DEFINITION_BUDGET)
         if kind.record_in_libvirt:
             obj.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                             records.element(sealed) if in_metadata else None,

@@ -188,11 +188,11 @@ class StateDir:
         started is kept, as its object may be newer than the listing.  Without `scope`,
         the scopes of objects that are gone go too (the volumes of a removed pool)."""
         folder = self._folder(host, kind, scope)
-        keep = {_hashed(leaf) for leaf in present}
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
-            return
+            return  # the usual case: nothing kept for this kind
+        keep = {_hashed(leaf) for leaf in present}
         for entry in entries:
             if entry.name in keep or entry.name.startswith("."):
                 continue

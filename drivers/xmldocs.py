@@ -83,7 +83,8 @@ def rendered_size(root: etree._Element) -> int:
         for text in (node.text, node.tail, *node.attrib.values()):
             if text:
                 quotes += text.count("'") + text.count('"')
-    return len(etree.tostring(bare, pretty_print=True)) + 5 * quotes + DEFAULTS_ROOM
+    rendering = etree.tostring(bare, pretty_print=True, encoding="utf-8", xml_declaration=False)
+    return len(rendering) + 5 * quotes + DEFAULTS_ROOM
 
 
 def check_size(root: etree._Element, what: str) -> None:

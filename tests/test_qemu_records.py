@@ -110,7 +110,12 @@ def test_large_documents_read_back_in_libvirtfs_and_virsh(
     document = GUEST.format(name=name, extra=f"\n  <description>{'x' * size}</description>")
     write_file(folder / "xml", document)
     assert (folder / "xml").read_text() == document
-    assert "x" * size in _dumpxml(qemu_uri, name, "--inactive")
+    dumped = _dumpxml(qemu_uri, name, "--inactive")
+    assert "x" * size in dumped
+    # The record sits in the metadata while it fits beside the definition, else in STATE.
+    in_metadata = size < 1.5 * MiB
+    assert (records.NAMESPACE in dumped) == in_metadata
+    assert len(_record_files(state)) == (0 if in_metadata else 1)
     # Running, the live definition (with the record, if it sits in the metadata) too.
     write_file(folder / "control", "start\n")
     try:
@@ -119,6 +124,10 @@ def test_large_documents_read_back_in_libvirtfs_and_virsh(
         assert (folder / "xml").read_text() == document
     finally:
         write_file(folder / "control", "destroy\n")
+    # Undefined elsewhere: its record goes with it.
+    run("virsh", "-c", qemu_uri, "undefine", name)
+    eventually(lambda: _assert(name not in os.listdir(folder.parent)), timeout=5)
+    assert _record_files(state) == []
 
 
 def test_documents_libvirt_could_not_hand_back_are_efbig(
@@ -152,6 +161,7 @@ def test_failing_to_remember_is_a_warning_not_an_error(
 
 
 def _record_files(state: Path) -> list[Path]:
+    """The record files in the state folder (rglob of a missing folder finds nothing)."""
     return [p for p in (state / "written").rglob("*") if p.is_file()]
 
 
