@@ -8,6 +8,7 @@ below.  Snapshots are addressed by name within their domain (UUID).
 from __future__ import annotations
 
 import errno
+import logging
 from typing import TYPE_CHECKING, Any
 
 import libvirt
@@ -17,6 +18,8 @@ from libvirtfs.drivers import xmldocs
 from libvirtfs.drivers.errors import DriverError
 from libvirtfs.nodes.backend import SnapshotListing, SnapshotSummary
 from libvirtfs.nodes.words import SNAPSHOT_REDEFINE_FLAGS
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from libvirtfs.drivers.connection import Connection
@@ -95,6 +98,29 @@ def _snapshot(conn: libvirt.virConnect, uuid: str, name: str) -> libvirt.virDoma
     return conn.lookupByUUIDString(uuid).snapshotLookupByName(name, 0)
 
 
+def _summary(snap: libvirt.virDomainSnapshot) -> SnapshotSummary:
+    """What a listing needs of one snapshot.  libvirt may be unable to send a snapshot's
+    document at all (over its 4 MiB RPC limit: a domain definition near the limit with a
+    long description around it): that snapshot is listed anyway, with its parent asked for
+    separately and no creation time, so one snapshot never hides the others."""
+    try:
+        doc = _document(snap)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_RPC:
+            raise
+        log.warning("snapshot %s: libvirt cannot send its document (%s); listed without it",
+                    snap.getName(), e.get_error_message())
+        try:
+            parent: str | None = snap.getParent(0).getName()
+        except libvirt.libvirtError as missing:
+            if missing.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                raise
+            parent = None
+        return SnapshotSummary(snap.getName(), parent, 0)
+    return SnapshotSummary(snap.getName(), doc.findtext("parent/name"),
+                           int(doc.findtext("creationTime") or 0))
+
+
 def _document(snap: libvirt.virDomainSnapshot) -> etree._Element:
     """A snapshot's document as libvirt has it: not a user's document, so whatever its size
     (a long description, a large domain definition), it is read."""
@@ -142,9 +168,7 @@ class SnapshotCalls:
             dom = conn.lookupByUUIDString(uuid)
             summaries = []
             for snap in dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL):
-                doc = _document(snap)
-                summaries.append(SnapshotSummary(snap.getName(), doc.findtext("parent/name"),
-                                                 int(doc.findtext("creationTime") or 0)))
+                summaries.append(_summary(snap))
             current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
             return SnapshotListing(summaries, current)
         return await self.connection.call(fetch)

@@ -198,3 +198,29 @@ def test_records_of_objects_removed_elsewhere_are_dropped(
     run("virsh", "-c", qemu_uri, "pool-undefine", name)
     eventually(lambda: _assert(name not in os.listdir(host / "pools")), timeout=5)
     assert _record_files(state) == []
+
+
+def test_a_snapshot_libvirt_cannot_send_does_not_hide_the_others(
+        mount_factory, qemu_uri: str, name: str, state: Path) -> None:
+    folder = _define(mount_factory, qemu_uri, name)
+    conn = libvirt.open(qemu_uri)
+    try:
+        dom = conn.lookupByName(name)
+        domain = records.strip(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))[0]
+        # libvirt writes each quote as &apos;: 1 MiB of them is a 6 MiB document, which
+        # libvirt keeps but can never send (VIR_NET_MESSAGE_STRING_MAX is 4 MiB).
+        for snapshot, extra in [("big", "<description>" + "'" * MiB + "</description>"),
+                                ("small", "<parent><name>big</name></parent>")]:
+            dom.snapshotCreateXML(
+                f"<domainsnapshot><name>{snapshot}</name>{extra}<state>shutoff</state>"
+                f"<creationTime>1700000000</creationTime>{domain}</domainsnapshot>",
+                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+        snaps = folder / "snapshots"
+        assert sorted(os.listdir(snaps)) == ["big", "small"]
+        assert os.readlink(snaps / "small/parent") == "../big"
+        assert "creation-time: 1700000000" in (snaps / "small/info").read_text()
+        expect_errno(errno.EIO, (snaps / "big/xml").read_text)
+    finally:
+        for snap in conn.lookupByName(name).listAllSnapshots(0):
+            snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        conn.close()
