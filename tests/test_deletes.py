@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,65 @@ def test_halt_is_used_by_one_snapshot_only(demo: Mounted) -> None:
     run("setfattr", "-n", "user.flags", "-v", "redefine", snaps)
     run("mkdir", snaps / "pending")
     assert run("getfattr", "-n", "user.flags", "--only-values", snaps).stdout == "redefine"
+
+
+def test_rmdir_of_a_pending_name_never_removes_what_someone_else_defined(
+        mount_factory) -> None:
+    # Two host folders, two connections to the one test:///default of the mount process.
+    mounted = mount_factory("test:///default", "other=test:///default")
+    mine, theirs = mounted.host("test") / "domains", mounted.host("other") / "domains"
+    os.mkdir(mine / "web")  # pending, in my folder only
+    os.mkdir(theirs / "web")
+    write_file(theirs / "web" / "xml", WEB)  # someone else defines web meanwhile
+    os.rmdir(mine / "web")  # forgets my pending folder...
+    assert (theirs / "web" / "state").read_text() == "shutoff\n"  # ...and nothing else
+    assert (mine / "web" / "xml").read_text() == WEB
+
+
+def test_rmdir_of_a_pending_folder_being_defined_is_ebusy(mount_factory, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    mounted = mount_factory("test:///default")
+    domains = mounted.host() / "domains"
+    os.mkdir(domains / "web")
+    rules.write_text("test:///default delay 0.5\n")  # every libvirt call is slow now
+    writer = threading.Thread(target=write_file, args=(domains / "web" / "xml", WEB))
+    writer.start()
+    time.sleep(0.2)
+    try:
+        expect_errno(errno.EBUSY, os.rmdir, domains / "web")
+        assert "being defined" in user_error(domains)
+    finally:
+        writer.join()
+        rules.write_text("")
+    assert (domains / "web" / "state").read_text() == "shutoff\n"
+
+
+def test_rmdir_racing_start_never_leaves_a_transient_domain(web: Path, domains: Path,
+                                                            demo: Mounted) -> None:
+    """Both cannot succeed: either the domain starts and rmdir is EBUSY, or it is
+    undefined and start fails.  A running domain that is no longer defined would be
+    a transient one that vanishes at its next shutdown."""
+    for _ in range(5):
+        results: dict[str, int] = {}
+
+        def start(results: dict[str, int] = results) -> None:
+            results["start"] = sh(f"echo start > {web / 'control'}", check=False).returncode
+
+        def remove(results: dict[str, int] = results) -> None:
+            results["rmdir"] = run("rmdir", web, check=False).returncode
+
+        threads = [threading.Thread(target=start), threading.Thread(target=remove)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results["start"] or results["rmdir"], "both reported success"
+        if results["rmdir"]:  # still defined: stop it for the next round
+            assert (web / "state").read_text() == "running\n"
+            sh(f"echo destroy > {web / 'control'}")
+        else:
+            assert "web" not in os.listdir(domains)
+            os.mkdir(web)
+            write_file(web / "xml", WEB)
