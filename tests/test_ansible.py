@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, eventually, run
+from conftest import REPO, Mounted, eventually, run, write_file
 
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
@@ -38,22 +40,29 @@ TEMPLATE = """\
 """
 
 
-def playbook(tmp_path: Path, domains: Path, name: str, domain_type: str,
-             memory: int = 64) -> dict[str, int]:
-    (tmp_path / "play.yml").write_text(PLAYBOOK)
-    (tmp_path / "domain.xml.j2").write_text(TEMPLATE)
+def ansible_playbook(tmp_path: Path, play: Path, extra_vars: str, *options: str
+                     ) -> tuple[subprocess.CompletedProcess[str], dict[str, int]]:
+    """Run `ansible-playbook PLAY -e EXTRA_VARS`: its process and its recap's counts."""
     env = dict(os.environ, ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
                ANSIBLE_NOCOLOR="1", ANSIBLE_PYTHON_INTERPRETER=sys.executable,
                ANSIBLE_HOME=str(tmp_path / "ansible-home"))
     result = run("env", *[f"{k}={v}" for k, v in env.items()], ANSIBLE_PLAYBOOK,
-                 "-i", "localhost,", tmp_path / "play.yml",
-                 "-e", f"domains={domains} name={name} domain_type={domain_type} "
-                       f"memory={memory}",
+                 "-i", "localhost,", play, "-e", extra_vars, *options,
                  check=False, cwd=tmp_path, timeout=180)
-    assert result.returncode == 0, result.stdout + result.stderr
     recap = re.search(r"localhost\s*:\s*(.*)", result.stdout.split("PLAY RECAP")[-1])
-    assert recap, result.stdout
-    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
+    assert recap, result.stdout + result.stderr
+    return result, {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
+
+
+def playbook(tmp_path: Path, domains: Path, name: str, domain_type: str,
+             memory: int = 64) -> dict[str, int]:
+    (tmp_path / "play.yml").write_text(PLAYBOOK)
+    (tmp_path / "domain.xml.j2").write_text(TEMPLATE)
+    result, recap = ansible_playbook(
+        tmp_path, tmp_path / "play.yml",
+        f"domains={domains} name={name} domain_type={domain_type} memory={memory}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return recap
 
 
 def test_playbook_is_idempotent(demo: Mounted, tmp_path: Path) -> None:
@@ -93,3 +102,54 @@ def test_playbook_converges_after_a_change_from_outside(mount_factory, tmp_path:
         assert playbook(tmp_path, domains, name, "qemu")["changed"] == 0
     finally:
         run("virsh", "-c", qemu_uri, "undefine", name, check=False)
+
+
+ABSENT = """\
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - file:
+        path: "{{ folder }}"
+        state: absent
+"""
+WEB = ("<domain type='test'><name>{name}</name><memory>65536</memory>"
+       "<os><type>hvm</type></os></domain>\n")
+
+
+def test_file_state_absent_removes_nothing_and_says_why(demo: Mounted, tmp_path: Path) -> None:
+    domains = demo.host() / "domains"
+    (domains / "web").mkdir()
+    write_file(domains / "web" / "xml", WEB.format(name="web"))
+    (tmp_path / "absent.yml").write_text(ABSENT)
+    result, recap = ansible_playbook(tmp_path, tmp_path / "absent.yml",
+                                     f"folder={domains / 'web'}")
+    assert recap["failed"] == 1, result.stdout
+    assert "Operation not permitted" in result.stdout
+    assert (domains / "web" / "state").read_text() == "shutoff\n"
+    # Check mode still promises a change: the module only asks os.path.lexists (a limit of
+    # Ansible's file module that a filesystem cannot change; docs/writing.md says so).
+    result, recap = ansible_playbook(tmp_path, tmp_path / "absent.yml",
+                                     f"folder={domains / 'web'}", "--check")
+    assert recap["failed"] == 0 and recap["changed"] == 1
+    assert (domains / "web" / "state").read_text() == "shutoff\n"
+
+
+def test_the_example_playbook_removes_domains_on_purpose(demo: Mounted,
+                                                        tmp_path: Path) -> None:
+    domains = demo.host() / "domains"
+    for name in ("old1", "old2"):
+        (domains / name).mkdir()
+        write_file(domains / name / "xml", WEB.format(name=name))
+    run("bash", "-c", f"echo start > {domains / 'old2' / 'control'}")
+    example = REPO / "contrib" / "examples" / "remove-domains.yml"
+    extra = json.dumps({"domains": str(domains), "retired": ["old1", "old2", "never"]})
+    result, recap = ansible_playbook(tmp_path, example, extra, "--check")
+    assert recap["failed"] == 0, result.stdout
+    assert sorted(os.listdir(domains)) == ["old1", "old2", "test"]  # check mode: nothing
+    result, recap = ansible_playbook(tmp_path, example, extra)
+    assert recap["failed"] == 0 and recap["changed"] == 2, result.stdout
+    assert os.listdir(domains) == ["test"]
+    assert (domains / "test" / "state").read_text() == "running\n"
+    result, recap = ansible_playbook(tmp_path, example, extra)  # and again: nothing to do
+    assert recap["failed"] == 0 and recap["changed"] == 0, result.stdout
