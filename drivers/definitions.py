@@ -124,20 +124,20 @@ class Definitions:
     def __init__(self, state: statedir.StateDir) -> None:
         self.state = state
         self._memory = statedir.MemoryRecords()
-        self._hosts: dict[int, tuple[str, statedir.RecordStore]] = {}
+        # (id of the connection, its host's identity, where its records are kept)
+        self._host_of: tuple[int, str, statedir.RecordStore] | None = None
 
     def _host(self, conn: libvirt.virConnect) -> tuple[str, statedir.RecordStore]:
         """The host's identity for records kept outside libvirt, and where they are kept."""
-        known = self._hosts.get(id(conn))
-        if known is None:
+        known = self._host_of
+        if known is None or known[0] != id(conn):  # the first call, or a new connection
             caps = xmldocs.from_libvirt(conn.getCapabilities())
             host_id = caps.findtext("host/uuid") or conn.getURI()
             # The test driver's objects live in this process, and another mount of
             # test:///default is another host with the same UUIDs: its records live here too.
             store = self._memory if conn.getType() == "Test" else self.state
-            known = (host_id, store)
-            self._hosts[id(conn)] = known
-        return known
+            known = self._host_of = (id(conn), host_id, store)
+        return known[1], known[2]
 
     def _record(self, conn: libvirt.virConnect, kind: Kind, key: Key,
                 text: str) -> tuple[str, records.Written | None]:

@@ -158,10 +158,9 @@ class StateDir:
         """Replace the record atomically: a reader sees the old one or the new one, and
         writers never share a temporary file."""
         path = self._path(host, kind, key)
-        folder = self.root
+        folder = private_folder(self.root)
         for part in path.parent.relative_to(self.root).parts:
             folder = private_folder(folder / part)
-        private_folder(self.root)
         record = json.dumps({"digest": written.digest, "mac": written.mac,
                              "data": base64.b64encode(written.data).decode()}).encode()
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")  # 0600
