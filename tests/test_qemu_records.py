@@ -224,3 +224,23 @@ def test_a_snapshot_libvirt_cannot_send_does_not_hide_the_others(
         for snap in conn.lookupByName(name).listAllSnapshots(0):
             snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
         conn.close()
+
+
+def test_many_metadata_children(mount_factory, qemu_uri: str, name: str, state: Path) -> None:
+    # libvirt puts each element on an indented line of its own: 6 bytes written are 13 read.
+    folder = _define(mount_factory, qemu_uri, name)
+    before = (folder / "xml").read_text()
+
+    def document(count: int) -> str:
+        return GUEST.format(name=name, extra="\n  <metadata><n:list xmlns:n='urn:n'>"
+                            + "<n:i/>" * count + "</n:list></metadata>")
+
+    many = document(200_000)  # 1.2 MiB, 2.5 MiB as libvirt writes it
+    write_file(folder / "xml", many)
+    assert (folder / "xml").read_text() == many
+    assert _dumpxml(qemu_uri, name, "--inactive").count("<n:i/>") == 200_000
+    too_many = document(320_000)  # 1.8 MiB, but 4 MiB as libvirt writes it
+    expect_errno(errno.EFBIG, write_file, folder / "xml", too_many)
+    assert "would render" in user_error(folder / "xml")
+    assert (folder / "xml").read_text() == many
+    assert before != many
