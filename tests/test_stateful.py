@@ -1,0 +1,790 @@
+"""Random sessions on a real mount, compared with libvirt after every step (issue 7).
+
+A hypothesis state machine drives a mount of `test:///default` with the tools users have:
+mkdir and xml writes (valid and hostile documents), rmdir, control words, snapshots taken,
+reverted and deleted, renames, recursive deletes, `sed -i` and reads.  Before and after
+every step it asks libvirt-python what the host holds, checks that the step did exactly
+what the documentation promises (or failed with the documented errno and changed nothing),
+and then compares the whole tree with libvirt: nothing lost, nothing invented, no stale
+entry, no ghost.  Changes made through the mount must show at once (docs/tree.md,
+"Changes made through the mount itself take effect at once"), so no step waits.
+
+`test:///default` lives inside the process that opens it, so the mount runs in this
+process: `serve()` from mount/serve.py in a thread of its own, with its own trio loop.  The
+test talks to the same host with libvirt-python and touches the mount only from the main
+thread and from subprocesses (ls, cat, cp, tee, sed, mv, rm, find), never from the
+filesystem's thread.
+
+CI runs a bounded, derandomized search; docs/testbed.md says how to run it longer.  Each
+bug it found has a regression test of its own in test_found_by_stateful.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+import trio
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from lxml import etree
+
+from libvirtfs.mount import serve as serve_module
+from libvirtfs.mount.options import MountOptions
+from libvirtfs.mount.serve import parse_host, serve
+
+URI = "test:///default"
+
+# How long and how hard to search (docs/testbed.md): CI's budget by default.
+EXAMPLES = int(os.environ.get("LIBVIRTFS_STATEFUL_EXAMPLES", "40"))
+STEPS = int(os.environ.get("LIBVIRTFS_STATEFUL_STEPS", "30"))
+RANDOM = os.environ.get("LIBVIRTFS_STATEFUL_RANDOM", "") not in ("", "0")
+
+# Recursive deletes (rm -rf, find -delete, shutil.rmtree) over an object folder must
+# remove nothing (issue 7, "Nothing is destroyed by accident").  Until the guard is on
+# main, the machine only checks that the tree still equals libvirt after them.
+RECURSIVE_DELETES_REFUSED = False
+
+# libvirt name -> folder name (docs/tree.md, "Names that cannot be file names").
+DOMAINS = {"test": "test", "web": "web", "per%cent": "per%25cent"}
+NAME_OF = {folder: name for name, folder in DOMAINS.items()}
+# Snapshot folder names; `current` is the link, and the snapshot named current is %63urrent.
+SNAPSHOTS = {"s1": "s1", "s2": "s2", "%63urrent": "current"}
+SNAPSHOT_FOLDER = {name: folder for folder, name in SNAPSHOTS.items()}
+
+# docs/tree.md, "Domain state", and docs/writing.md, "Control files".
+STATE_WORDS = ["nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed",
+               "pmsuspended"]
+VALID_WORDS = {
+    "shutoff": ["start", "start-paused"],
+    "running": ["shutdown", "reboot", "reset", "destroy", "suspend", "managed-save"],
+    "blocked": ["shutdown", "reboot", "reset", "destroy", "suspend", "managed-save"],
+    "paused": ["resume", "reset", "destroy", "managed-save"],
+    "shutdown": ["destroy"], "crashed": ["destroy"], "pmsuspended": ["destroy"],
+    "nostate": ["destroy"],
+}
+# The words the machine writes, and the state each leaves a test-driver domain in.
+STATE_AFTER = {"start": "running", "destroy": "shutoff", "suspend": "paused",
+               "resume": "running", "shutdown": "shutoff"}
+SERVED = {"state", "info", "xml", "live.xml", "autostart", "control", "snapshots"}
+SNAPSHOT_SERVED = {"xml", "state", "info", "control"}
+
+SEED = """<domain type='test'>
+  <name>test</name>
+  <memory unit='KiB'>262144</memory>
+  <vcpu>2</vcpu>
+  <os><type>hvm</type></os>
+</domain>
+"""
+
+
+def domain_document(name: str, memory: int) -> bytes:
+    return (f"<domain type='test'>\n  <name>{name}</name>\n"
+            f"  <memory unit='KiB'>{memory}</memory>\n"
+            f"  <os><type>hvm</type></os>\n</domain>\n").encode()
+
+
+def hostile_document(kind: str, name: str) -> bytes:
+    """A document that must be refused whole; `kind` says how it is wrong."""
+    if kind == "malformed":
+        return f"<domain type='test'>\n  <name>{name}</name>\n  <memory>65536".encode()
+    if kind == "wrong-root":
+        return f"<network>\n  <name>{name}</name>\n</network>\n".encode()
+    if kind == "other-name":
+        return domain_document("someone-else", 65536)
+    if kind == "entities":
+        laughs = "".join(f'<!ENTITY l{i} "{f"&l{i - 1};" * 10}">' for i in range(1, 10))
+        return (f'<?xml version="1.0"?>\n<!DOCTYPE domain [<!ENTITY l0 "lol">{laughs}]>\n'
+                f"<domain type='test'><name>{name}</name><description>&l9;</description>"
+                f"<memory>65536</memory><os><type>hvm</type></os></domain>\n").encode()
+    if kind == "huge":
+        filler = "x" * (5 * 1024 * 1024)
+        return (f"<domain type='test'><name>{name}</name><description>{filler}"
+                f"</description><memory>65536</memory><os><type>hvm</type></os>"
+                f"</domain>\n").encode()
+    raise ValueError(kind)
+
+
+HOSTILE_ERRNO = {"malformed": errno.EINVAL, "wrong-root": errno.EINVAL,
+                 "other-name": errno.EINVAL, "entities": errno.EINVAL, "huge": errno.EFBIG}
+
+
+# -- libvirt's view of the host ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SnapshotTruth:
+    state: str
+    parent: str | None
+
+
+@dataclass(frozen=True)
+class DomainTruth:
+    uuid: str
+    name: str
+    state: str
+    persistent: bool
+    memory: int  # of the persistent definition, KiB
+    snapshots: tuple[tuple[str, SnapshotTruth], ...]
+    current: str | None
+
+    def snapshot(self, name: str) -> SnapshotTruth | None:
+        return dict(self.snapshots).get(name)
+
+
+def libvirt_truth(conn: libvirt.virConnect) -> dict[str, DomainTruth]:
+    """Folder name -> what libvirt says of that domain."""
+    truth: dict[str, DomainTruth] = {}
+    for dom in conn.listAllDomains(0):
+        snapshots = []
+        for snap in dom.listAllSnapshots(0):
+            document = etree.fromstring(snap.getXMLDesc(0).encode())
+            parent = document.findtext("parent/name")
+            snapshots.append((snap.getName(), SnapshotTruth(document.findtext("state"), parent)))
+        current = (dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None)
+        definition = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+        name = dom.name()
+        folder = DOMAINS.get(name, name)
+        truth[folder] = DomainTruth(
+            uuid=dom.UUIDString(), name=name, state=STATE_WORDS[dom.state(0)[0]],
+            persistent=bool(dom.isPersistent()),
+            memory=int(definition.findtext("memory")),
+            snapshots=tuple(sorted(snapshots)), current=current)
+    return truth
+
+
+def reset_host(conn: libvirt.virConnect) -> None:
+    """Back to one running domain `test`: an example must not inherit the last one's host."""
+    for dom in conn.listAllDomains(0):
+        for snap in dom.listAllSnapshots(0):
+            with contextlib.suppress(libvirt.libvirtError):  # gone with its parent
+                snap.delete(0)
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+    conn.defineXML(SEED).create()
+
+
+# -- the mount, in a thread of this process ------------------------------------------------
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def _no_signals() -> None:
+    """serve() listens for SIGTERM; only the main thread may, and the test owns that one."""
+    await trio.sleep_forever()
+
+
+class InProcessMount:
+    """`serve()` in a thread with its own trio loop, so that libvirt's in-process test host
+    is the one this process sees too.  Only the main thread and subprocesses touch it."""
+
+    def __init__(self, mountpoint: Path, uri: str, options: str = "") -> None:
+        self.path = mountpoint
+        self.uri = uri
+        self.options = MountOptions()
+        if options:
+            self.options.add(options)
+        self.failures: list[BaseException] = []
+        self.log = _Collect()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.path.mkdir(exist_ok=True)
+        ready = threading.Event()
+
+        def serve_here() -> None:
+            try:
+                trio.run(serve, [parse_host(self.uri)], str(self.path), self.options,
+                         ready.set)
+            except BaseException as e:
+                self.failures.append(e)
+            finally:
+                ready.set()
+
+        logging.getLogger("libvirtfs").addHandler(self.log)
+        self._thread = threading.Thread(target=serve_here, name="libvirtfs-mount",
+                                        daemon=True)
+        self._thread.start()
+        if not ready.wait(30) or self.failures:
+            raise RuntimeError(f"the mount did not come up: {self.failures}")
+
+    def stop(self) -> None:
+        """Unmount as a user would, and require a clean end: no exception, no traceback."""
+        try:
+            if self._thread is None:
+                return
+            result = subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True,
+                                    text=True, timeout=30)
+            self._thread.join(15)
+            if self._thread.is_alive():
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], timeout=30)
+                self._thread.join(5)
+                raise AssertionError(f"the mount did not end after fusermount3 -u "
+                                     f"({result.stderr.strip()})")
+            assert result.returncode == 0, result.stderr
+            assert not self.failures, self.failures
+            errors = [self.log.format(r) for r in self.log.records if r.levelno >= logging.ERROR]
+            assert not errors, "\n".join(errors)
+        finally:
+            logging.getLogger("libvirtfs").removeHandler(self.log)
+
+
+# -- running tools -------------------------------------------------------------------------
+
+_ERRNO_BY_MESSAGE = sorted(((os.strerror(n), n) for n in errno.errorcode),
+                           key=lambda item: -len(item[0]))
+
+
+def tool_errno(result: subprocess.CompletedProcess[str]) -> int:
+    """0 for success, else the errno that the tool's message names."""
+    if result.returncode == 0:
+        return 0
+    for message, number in _ERRNO_BY_MESSAGE:
+        if message in result.stderr:
+            return number
+    raise AssertionError(f"{result.args} failed without naming an errno: {result.stderr}")
+
+
+def run(*command: str | os.PathLike, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
+def attempt(fn, *args) -> int:
+    """Call fn(*args) from this thread; its errno, or 0."""
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno or -1
+    return 0
+
+
+def user_error(path: Path) -> str:
+    try:
+        return os.getxattr(path, "user.error").decode()
+    except OSError:
+        return ""
+
+
+def key_values(text: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in text.splitlines())
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+# `web` twice: more steps meet the same folder, and shrinking ends on the plainest name.
+ANY_FOLDER = st.sampled_from(["web", "web", "per%25cent", "test"])
+# Folders a step made or changed: later steps come back to them more often than chance would.
+TOUCHED = Bundle("touched")
+FOLDERS = st.one_of(TOUCHED, ANY_FOLDER)
+SNAPSHOT_NAMES = st.sampled_from(sorted(SNAPSHOTS))
+MEMORY = st.sampled_from([65536, 131072, 262144])
+
+
+def step(*, target: Bundle | None = None, **arguments: st.SearchStrategy):
+    """A rule that also draws `look`: whether the whole tree is compared right after it.
+    Without a look the next step follows at once, as in `mv web www && sed -i ... www/xml`,
+    and no listing in between warms the caches (which would hide what a user meets)."""
+    def decorate(fn):
+        def with_look(self, look: bool, **kwargs):
+            self.look = look
+            return fn(self, **kwargs)
+        with_look.__name__, with_look.__doc__ = fn.__name__, fn.__doc__
+        if target is not None:
+            return rule(target=target, look=st.booleans(), **arguments)(with_look)
+        return rule(look=st.booleans(), **arguments)(with_look)
+    return decorate
+
+
+class MountSession(RuleBasedStateMachine):
+    """One user's session on a fresh mount of a freshly reset host."""
+
+    workdir: Path
+    conn: libvirt.virConnect
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mount: InProcessMount | None = None
+        # Folders made by mkdir that await their xml: they exist only in this mount.
+        self.pending: set[str] = set()
+        # Files tools left in object folders (folder -> names), which listings show too.
+        self.scratch: dict[str, set[str]] = {}
+        # Whether the step just taken is followed by a comparison of the whole tree.
+        self.look = True
+
+    @initialize()
+    def mount_fresh_host(self) -> None:
+        reset_host(self.conn)
+        self.mount = InProcessMount(self.workdir / "mnt", URI)
+        self.mount.start()
+
+    def teardown(self) -> None:
+        if self.mount is not None:
+            self.mount.stop()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @property
+    def domains(self) -> Path:
+        assert self.mount is not None
+        return self.mount.path / "hosts" / "test" / "domains"
+
+    def truth(self) -> dict[str, DomainTruth]:
+        return libvirt_truth(self.conn)
+
+    def exists(self, folder: str, truth: dict[str, DomainTruth]) -> bool:
+        return folder in truth or folder in self.pending
+
+    def source_file(self, data: bytes) -> Path:
+        path = self.workdir / "document.xml"
+        path.write_bytes(data)
+        return path
+
+    def write(self, writer: str, path: Path, data: bytes) -> int:
+        """Write `data` to `path` the way `writer` does; the errno the writer saw."""
+        if writer == "python":
+            def write_and_close() -> None:
+                with open(path, "wb") as f:
+                    f.write(data)
+            return attempt(write_and_close)
+        source = self.source_file(data)
+        if writer == "cp":
+            return tool_errno(run("cp", source, path))
+        if writer == "tee":
+            return tool_errno(_tee(source, path))
+        return tool_errno(run("bash", "-c", 'cat "$1" > "$2"', "-", source, path))
+
+    def expect(self, got: int, want: int | set[int], what: str, path: Path | None = None
+               ) -> None:
+        wanted = want if isinstance(want, set) else {want}
+        if got not in wanted:
+            why = f" (user.error: {user_error(path)!r})" if path is not None else ""
+            raise AssertionError(f"{what}: got {errno.errorcode.get(got, got)}, expected "
+                                 f"{' or '.join(errno.errorcode.get(w, str(w)) for w in wanted)}"
+                                 f"{why}")
+
+    # -- mkdir, xml, sed -i, rmdir -----------------------------------------------------
+
+    @step(target=TOUCHED, folder=FOLDERS)
+    def mkdir_domain(self, folder: str) -> str:
+        before = self.truth()
+        got = tool_errno(run("mkdir", self.domains / folder))
+        after = self.truth()
+        assert after == before, "mkdir changed libvirt"
+        if self.exists(folder, before):
+            self.expect(got, errno.EEXIST, f"mkdir {folder} (exists)")
+            return folder
+        self.expect(got, 0, f"mkdir {folder}", self.domains)
+        self.pending.add(folder)
+        return folder
+
+
+    @step(target=TOUCHED, folder=FOLDERS, memory=MEMORY,
+          writer=st.sampled_from(["python", "cp", "tee", "redirect"]))
+    def write_valid_xml(self, folder: str, memory: int, writer: str) -> str:
+        before = self.truth()
+        data = domain_document(NAME_OF[folder], memory)
+        path = self.domains / folder / "xml"
+        got = self.write(writer, path, data)
+        after = self.truth()
+        if not self.exists(folder, before):
+            self.expect(got, errno.ENOENT, f"{writer} > {folder}/xml (no such folder)")
+            assert after == before
+            return folder
+        self.expect(got, 0, f"{writer} > {folder}/xml", path)
+        domain = after[folder]
+        assert domain.memory == memory and domain.persistent
+        if folder in before:
+            old = before[folder]
+            assert (domain.uuid, domain.state, domain.snapshots) == (
+                old.uuid, old.state, old.snapshots), "an update changed identity or state"
+        else:
+            assert domain.state == "shutoff", domain
+            self.pending.discard(folder)
+        others = {k: v for k, v in after.items() if k != folder}
+        assert others == {k: v for k, v in before.items() if k != folder}
+        # Read-your-writes (docs/writing.md): xml shows the bytes as written.
+        assert path.read_bytes() == data
+        return folder
+
+
+    @step(folder=FOLDERS, kind=st.sampled_from(sorted(HOSTILE_ERRNO)),
+          writer=st.sampled_from(["python", "cp", "tee"]))
+    def write_hostile_xml(self, folder: str, kind: str, writer: str) -> None:
+        before = self.truth()
+        path = self.domains / folder / "xml"
+        shown = path.read_bytes() if self.exists(folder, before) else None
+        got = self.write(writer, path, hostile_document(kind, NAME_OF[folder]))
+        after = self.truth()
+        assert after == before, f"a refused {kind} document changed libvirt"
+        if not self.exists(folder, before):
+            self.expect(got, errno.ENOENT, f"{writer} > {folder}/xml (no such folder)")
+            return
+        self.expect(got, HOSTILE_ERRNO[kind], f"{kind} document to {folder}/xml", path)
+        assert user_error(path), f"no user.error after a refused {kind} document"
+        if folder in before:
+            assert path.read_bytes() == shown, "a refused document changed xml"
+
+    @step(folder=FOLDERS, memory=MEMORY)
+    def sed_xml(self, folder: str, memory: int) -> None:
+        before = self.truth()
+        path = self.domains / folder / "xml"
+        got = tool_errno(run("sed", "-i", "-E",
+                             rf"s|<memory unit='KiB'>[0-9]+</memory>|"
+                             rf"<memory unit='KiB'>{memory}</memory>|", path))
+        after = self.truth()
+        if folder in self.pending:
+            # An empty (or absent) xml: sed renames an empty document onto it.
+            self.expect(got, {errno.EINVAL, errno.ENOENT}, f"sed -i {folder}/xml (pending)",
+                        path)
+            self.forget_scratch_left_by(folder)
+            assert after == before
+            return
+        if folder not in before:
+            self.expect(got, errno.ENOENT, f"sed -i {folder}/xml (no such folder)")
+            return
+        self.expect(got, 0, f"sed -i {folder}/xml", path)
+        assert after[folder].memory == memory
+        assert after[folder].uuid == before[folder].uuid
+
+    def forget_scratch_left_by(self, folder: str) -> None:
+        """A refused commit by rename leaves the tool's temporary file (docs/writing.md)."""
+        with contextlib.suppress(OSError):
+            left = set(os.listdir(self.domains / folder)) - SERVED
+            self.scratch.setdefault(folder, set()).update(left)
+
+    @step(folder=FOLDERS)
+    def rmdir_domain(self, folder: str) -> None:
+        before = self.truth()
+        got = tool_errno(run("rmdir", self.domains / folder))
+        after = self.truth()
+        if folder in self.pending:
+            self.expect(got, 0, f"rmdir {folder} (pending)", self.domains)
+            self.pending.discard(folder)
+            self.scratch.pop(folder, None)
+            assert after == before
+            return
+        if folder not in before:
+            self.expect(got, errno.ENOENT, f"rmdir {folder} (no such folder)")
+            return
+        domain = before[folder]
+        if domain.state != "shutoff":
+            self.expect(got, errno.EBUSY, f"rmdir {folder} ({domain.state})", self.domains)
+            assert after == before
+        elif domain.snapshots:
+            self.expect(got, errno.ENOTEMPTY, f"rmdir {folder} (has snapshots)", self.domains)
+            assert after == before
+        else:
+            self.expect(got, 0, f"rmdir {folder}", self.domains)
+            assert after == {k: v for k, v in before.items() if k != folder}
+            self.scratch.pop(folder, None)
+
+    # -- control words -----------------------------------------------------------------
+
+    @step(folder=FOLDERS,
+          word=st.sampled_from([*STATE_AFTER, "frobnicate", "start now"]),
+          writer=st.sampled_from(["echo", "python"]))
+    def control(self, folder: str, word: str, writer: str) -> None:
+        if folder in self.pending:
+            # Not a domain yet.  Today the word becomes a scratch file that later hides
+            # the served control file: test_found_by_stateful.py::
+            # test_a_control_word_written_before_the_xml_never_hides_control (xfail).
+            return
+        before = self.truth()
+        path = self.domains / folder / "control"
+        if writer == "echo":
+            got = tool_errno(run("bash", "-c", f'echo "{word}" > "$1"', "-", path))
+        else:
+            def write_word() -> None:
+                with open(path, "w") as f:
+                    f.write(word + "\n")
+            got = attempt(write_word)
+        after = self.truth()
+        if folder in self.pending:
+            # Not a domain yet: there is no served control file to write to.
+            self.expect(got, {0, errno.ENOENT, errno.EACCES, errno.EPERM},
+                        f"{writer} {word} > {folder}/control (pending)", path)
+            assert after == before
+            if got == 0:
+                self.scratch.setdefault(folder, set()).add("control")
+            return
+        if folder not in before:
+            self.expect(got, errno.ENOENT, f"{word} > {folder}/control (no such folder)")
+            return
+        state = before[folder].state
+        if word not in STATE_AFTER:
+            self.expect(got, errno.EINVAL, f"{word!r} > {folder}/control", path)
+            assert after == before
+        elif word not in VALID_WORDS[state]:
+            self.expect(got, errno.EBUSY, f"{word} > {folder}/control ({state})", path)
+            assert after == before
+        else:
+            self.expect(got, 0, f"{word} > {folder}/control ({state})", path)
+            assert after[folder].state == STATE_AFTER[word]
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    @step(folder=FOLDERS, snapshot=SNAPSHOT_NAMES)
+    def take_snapshot(self, folder: str, snapshot: str) -> None:
+        before = self.truth()
+        got = tool_errno(run("mkdir", self.domains / folder / "snapshots" / snapshot))
+        after = self.truth()
+        if folder not in before:
+            self.expect(got, errno.ENOENT, f"mkdir {folder}/snapshots/{snapshot} (no domain)")
+            assert after == before
+            return
+        domain = before[folder]
+        name = SNAPSHOTS[snapshot]
+        if snapshot == "current":
+            # The name of the link: EEXIST while it is there, else refused as reserved.
+            self.expect(got, errno.EEXIST if domain.current else errno.EINVAL,
+                        f"mkdir {folder}/snapshots/current")
+            assert after == before
+        elif domain.snapshot(name) is not None:
+            self.expect(got, errno.EEXIST, f"mkdir {folder}/snapshots/{snapshot} (exists)")
+            assert after == before
+        else:
+            self.expect(got, 0, f"mkdir {folder}/snapshots/{snapshot}",
+                        self.domains / folder / "snapshots")
+            made = after[folder]
+            assert made.snapshot(name) is not None and made.current == name
+            assert made.state == domain.state
+
+    @step(folder=FOLDERS, snapshot=SNAPSHOT_NAMES)
+    def delete_snapshot(self, folder: str, snapshot: str) -> None:
+        before = self.truth()
+        got = tool_errno(run("rmdir", self.domains / folder / "snapshots" / snapshot))
+        after = self.truth()
+        domain = before.get(folder)
+        name = SNAPSHOTS[snapshot]
+        if domain is None:
+            self.expect(got, errno.ENOENT, f"rmdir {folder}/snapshots/{snapshot} (no domain)")
+        elif snapshot == "current":
+            self.expect(got, errno.ENOTDIR if domain.current else errno.ENOENT,
+                        f"rmdir {folder}/snapshots/current (the link)")
+        elif domain.snapshot(name) is None:
+            self.expect(got, errno.ENOENT, f"rmdir {folder}/snapshots/{snapshot} (none)")
+        else:
+            self.expect(got, 0, f"rmdir {folder}/snapshots/{snapshot}",
+                        self.domains / folder / "snapshots")
+            left = after[folder]
+            assert left.snapshot(name) is None
+            assert {n for n, _ in left.snapshots} == {n for n, _ in domain.snapshots} - {name}
+            assert left.state == domain.state
+            return
+        assert after == before
+
+    @step(folder=FOLDERS, snapshot=SNAPSHOT_NAMES,
+          word=st.sampled_from(["revert", "revert-running", "revert-paused", "unrevert"]))
+    def revert_snapshot(self, folder: str, snapshot: str, word: str) -> None:
+        before = self.truth()
+        path = self.domains / folder / "snapshots" / snapshot / "control"
+        got = tool_errno(run("bash", "-c", f'echo {word} > "$1"', "-", path))
+        after = self.truth()
+        domain = before.get(folder)
+        name = SNAPSHOTS[snapshot]
+        if domain is None or domain.snapshot(name) is None:
+            if snapshot == "current" and domain is not None and domain.current:
+                name = domain.current  # through the link
+            else:
+                self.expect(got, errno.ENOENT, f"{word} > {path} (no snapshot)")
+                assert after == before
+                return
+        if word == "unrevert":
+            self.expect(got, errno.EINVAL, f"{word} > {path}", path)
+            assert after == before
+            return
+        self.expect(got, 0, f"{word} > {path}", path)
+        reverted = after[folder]
+        expected = {"revert": domain.snapshot(name).state, "revert-running": "running",
+                    "revert-paused": "paused"}[word]
+        assert reverted.state == expected, (reverted.state, expected)
+        assert reverted.current == name
+
+    # -- renames -----------------------------------------------------------------------
+
+    @step(target=TOUCHED, old=FOLDERS, new=ANY_FOLDER)
+    def rename(self, old: str, new: str) -> str:
+        if old == new:
+            return new
+        before = self.truth()
+        got = tool_errno(run("mv", "-T", self.domains / old, self.domains / new))
+        after = self.truth()
+        if not self.exists(old, before):
+            self.expect(got, errno.ENOENT, f"mv {old} {new} (no such folder)")
+        elif self.exists(new, before):
+            self.expect(got, errno.EEXIST, f"mv {old} {new} (taken)", self.domains)
+        elif old in self.pending:
+            self.expect(got, 0, f"mv {old} {new} (pending)", self.domains)
+            self.pending.remove(old)
+            self.pending.add(new)
+            if old in self.scratch:
+                self.scratch[new] = self.scratch.pop(old)
+        elif before[old].state != "shutoff":
+            self.expect(got, errno.EBUSY, f"mv {old} {new} ({before[old].state})",
+                        self.domains)
+        else:
+            self.expect(got, 0, f"mv {old} {new}", self.domains)
+            moved = after[new]
+            assert moved.uuid == before[old].uuid and moved.name == NAME_OF[new]
+            assert old not in after
+            if old in self.scratch:
+                self.scratch[new] = self.scratch.pop(old)
+            return new
+        assert after == before
+        return new
+
+    # -- recursive deletes -------------------------------------------------------------
+
+    @step(folder=FOLDERS, tool=st.sampled_from(["rm -rf", "find -delete", "rmtree"]),
+          inner=st.booleans())
+    def delete_recursively(self, folder: str, tool: str, inner: bool) -> None:
+        before = self.truth()
+        target = self.domains / folder / "snapshots" if inner else self.domains / folder
+        if tool == "rm -rf":
+            run("rm", "-rf", target)
+        elif tool == "find -delete":
+            run("find", target, "-delete")
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+        after = self.truth()
+        if RECURSIVE_DELETES_REFUSED:
+            assert after == before, f"{tool} {target} destroyed libvirt objects"
+        if folder in self.pending and not os.path.lexists(self.domains / folder):
+            self.pending.discard(folder)
+        for name in list(self.scratch):
+            if name not in after and name not in self.pending:
+                del self.scratch[name]
+        with contextlib.suppress(OSError):
+            if folder in self.scratch:
+                self.scratch[folder] &= set(os.listdir(self.domains / folder))
+
+    # -- reading with tools ------------------------------------------------------------
+
+    @rule(folder=FOLDERS)
+    def read_with_tools(self, folder: str) -> None:
+        self.look = True
+        truth = self.truth()
+        listing = run("ls", "-1", self.domains).stdout.splitlines()
+        assert sorted(listing) == sorted(set(truth) | self.pending)
+        if folder not in truth:
+            return
+        result = run("cat", self.domains / folder / "state")
+        assert result.stdout == f"{truth[folder].state}\n", result
+        found = run("find", self.domains / folder)
+        assert found.returncode == 0, found.stderr
+
+    # -- after every step: the tree is libvirt's -----------------------------------------
+
+    @invariant()
+    def tree_matches_libvirt(self) -> None:
+        if self.mount is None:
+            return
+        if not self.look:
+            return
+        truth = self.truth()
+        listed = set(os.listdir(self.domains))
+        assert listed == set(truth) | self.pending, (
+            f"domains/ lists {sorted(listed)}; libvirt has {sorted(truth)}, "
+            f"pending {sorted(self.pending)}")
+        for folder in DOMAINS.values():
+            if folder not in listed:
+                assert not os.path.lexists(self.domains / folder), f"ghost: {folder}"
+        for folder, domain in truth.items():
+            self.check_domain(self.domains / folder, domain, self.scratch.get(folder, set()))
+        for folder in self.pending:
+            self.check_pending(self.domains / folder, self.scratch.get(folder, set()))
+
+    def check_pending(self, path: Path, scratch: set[str]) -> None:
+        names = set(os.listdir(path))
+        assert names <= {"xml"} | scratch, f"{path} (pending) lists {sorted(names)}"
+        if "xml" in names:
+            assert (path / "xml").read_bytes() == b""
+
+    def check_domain(self, path: Path, domain: DomainTruth, scratch: set[str]) -> None:
+        names = set(os.listdir(path))
+        assert names == SERVED | (scratch - SERVED), f"{path} lists {sorted(names)}"
+        assert (path / "state").read_text() == f"{domain.state}\n", path
+        info = key_values((path / "info").read_text())
+        assert (info["name"], info["uuid"], info["state"]) == (
+            domain.name, domain.uuid, domain.state), f"{path}/info: {info}"
+        assert info["persistent"] == ("yes" if domain.persistent else "no")
+        assert (info["id"] == "-") == (domain.state == "shutoff"), info
+        control = (path / "control").read_text().split()
+        assert control == [*VALID_WORDS[domain.state], "wait"], f"{path}/control: {control}"
+        document = etree.fromstring((path / "xml").read_bytes())
+        assert document.findtext("name") == domain.name, f"{path}/xml names another domain"
+        if document.findtext("uuid") is not None:
+            assert document.findtext("uuid") == domain.uuid
+        self.check_snapshots(path / "snapshots", domain)
+
+    def check_snapshots(self, path: Path, domain: DomainTruth) -> None:
+        names = set(os.listdir(path))
+        expected = {SNAPSHOT_FOLDER.get(name, name) for name, _ in domain.snapshots}
+        if domain.current is not None:
+            expected.add("current")
+            target = os.readlink(path / "current")
+            assert target == SNAPSHOT_FOLDER.get(domain.current, domain.current), target
+        assert names == expected, f"{path} lists {sorted(names)}, libvirt {sorted(expected)}"
+        for folder in SNAPSHOTS:
+            if folder not in names:
+                assert not os.path.lexists(path / folder), f"ghost: {path / folder}"
+        for name, snapshot in domain.snapshots:
+            folder = path / SNAPSHOT_FOLDER.get(name, name)
+            inside = set(os.listdir(folder))
+            links = {"parent"} if snapshot.parent else set()
+            assert inside == SNAPSHOT_SERVED | links, f"{folder} lists {sorted(inside)}"
+            assert (folder / "state").read_text() == f"{snapshot.state}\n"
+            if snapshot.parent:
+                parent = SNAPSHOT_FOLDER.get(snapshot.parent, snapshot.parent)
+                assert os.readlink(folder / "parent") == f"../{parent}"
+
+
+def _tee(source: Path, path: Path) -> subprocess.CompletedProcess[str]:
+    return run("bash", "-c", 'tee "$2" < "$1" > /dev/null', "-", source, path)
+
+
+@pytest.fixture
+def libvirt_host() -> libvirt.virConnect:
+    """The in-process test host, as libvirt-python sees it."""
+    libvirt.registerErrorHandler(lambda ctx, error: None, None)
+    conn = libvirt.open(URI)
+    yield conn
+    conn.close()
+
+
+def test_random_sessions_match_libvirt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       libvirt_host: libvirt.virConnect) -> None:
+    monkeypatch.setattr(serve_module, "_stop_on_signals", _no_signals)
+    monkeypatch.chdir(tmp_path)  # no tool may keep the mount busy
+    MountSession.workdir = tmp_path
+    MountSession.conn = libvirt_host
+    run_state_machine_as_test(MountSession, settings=settings(
+        max_examples=EXAMPLES, stateful_step_count=STEPS, derandomize=not RANDOM,
+        deadline=None, database=None, print_blob=RANDOM,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
