@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +58,10 @@ EXAMPLES = int(os.environ.get("LIBVIRTFS_STATEFUL_EXAMPLES", "40"))
 STEPS = int(os.environ.get("LIBVIRTFS_STATEFUL_STEPS", "30"))
 RANDOM = os.environ.get("LIBVIRTFS_STATEFUL_RANDOM", "") not in ("", "0")
 
-# Recursive deletes (rm -rf, find -delete, shutil.rmtree) over an object folder must
-# remove nothing (issue 7, "Nothing is destroyed by accident").  Until the guard is on
-# main, the machine only checks that the tree still equals libvirt after them.
-RECURSIVE_DELETES_REFUSED = False
+# Recursive deletes (rm -rf, find -delete, shutil.rmtree) over an object folder remove
+# nothing (issue 7, "Nothing is destroyed by accident"; nodes/guard.py).  They leave the
+# folders they walked refusing the next rmdir by another program once, for GUARD_SECONDS.
+GUARD_SECONDS = 30.0
 
 # libvirt name -> folder name (docs/tree.md, "Names that cannot be file names").
 DOMAINS = {"test": "test", "web": "web", "per%cent": "per%25cent"}
@@ -336,6 +337,9 @@ class MountSession(RuleBasedStateMachine):
         self.scratch: dict[str, set[str]] = {}
         # Whether the step just taken is followed by a comparison of the whole tree.
         self.look = True
+        # Object folders a recursive delete walked: (domain uuid, snapshot or None) ->
+        # (when, whether another program's rmdir was refused since).
+        self.guards: dict[tuple[str, str | None], tuple[float, bool]] = {}
 
     @initialize()
     def mount_fresh_host(self) -> None:
@@ -438,7 +442,7 @@ class MountSession(RuleBasedStateMachine):
     def write_hostile_xml(self, folder: str, kind: str, writer: str) -> None:
         before = self.truth()
         path = self.domains / folder / "xml"
-        shown = path.read_bytes() if self.exists(folder, before) else None
+        shown = path.read_bytes() if folder in before else None
         got = self.write(writer, path, hostile_document(kind, NAME_OF[folder]))
         after = self.truth()
         assert after == before, f"a refused {kind} document changed libvirt"
@@ -493,7 +497,12 @@ class MountSession(RuleBasedStateMachine):
             self.expect(got, errno.ENOENT, f"rmdir {folder} (no such folder)")
             return
         domain = before[folder]
-        if domain.state != "shutoff":
+        guarded = self.guard_refuses((domain.uuid, None), got)
+        if guarded:
+            self.expect(got, errno.ENOTEMPTY, f"rmdir {folder} (a recursive delete walked it)",
+                        self.domains)
+            assert after == before
+        elif domain.state != "shutoff":
             self.expect(got, errno.EBUSY, f"rmdir {folder} ({domain.state})", self.domains)
             assert after == before
         elif domain.snapshots:
@@ -503,6 +512,22 @@ class MountSession(RuleBasedStateMachine):
             self.expect(got, 0, f"rmdir {folder}", self.domains)
             assert after == {k: v for k, v in before.items() if k != folder}
             self.scratch.pop(folder, None)
+            self.guards = {key: value for key, value in self.guards.items()
+                           if key[0] != domain.uuid}
+
+    def guard_refuses(self, key: tuple[str, str | None], got: int) -> bool:
+        """Whether the guard of an object folder refuses this rmdir (docs/writing.md): the
+        first one by another program after a recursive delete walked the folder."""
+        if key not in self.guards:
+            return False
+        when, refused = self.guards[key]
+        if refused:
+            return False
+        if time.monotonic() - when > GUARD_SECONDS - 5 and got != errno.ENOTEMPTY:
+            del self.guards[key]  # it was about to run out: either answer is right
+            return False
+        self.guards[key] = (when, True)
+        return True
 
     # -- control words -----------------------------------------------------------------
 
@@ -510,11 +535,6 @@ class MountSession(RuleBasedStateMachine):
           word=st.sampled_from([*STATE_AFTER, "frobnicate", "start now"]),
           writer=st.sampled_from(["echo", "python"]))
     def control(self, folder: str, word: str, writer: str) -> None:
-        if folder in self.pending:
-            # Not a domain yet.  Today the word becomes a scratch file that later hides
-            # the served control file: test_found_by_stateful.py::
-            # test_a_control_word_written_before_the_xml_never_hides_control (xfail).
-            return
         before = self.truth()
         path = self.domains / folder / "control"
         if writer == "echo":
@@ -526,12 +546,10 @@ class MountSession(RuleBasedStateMachine):
             got = attempt(write_word)
         after = self.truth()
         if folder in self.pending:
-            # Not a domain yet: there is no served control file to write to.
-            self.expect(got, {0, errno.ENOENT, errno.EACCES, errno.EPERM},
-                        f"{writer} {word} > {folder}/control (pending)", path)
+            # Not a domain yet: `control` is a served name, no scratch file may take it.
+            self.expect(got, errno.EPERM, f"{writer} {word} > {folder}/control (pending)",
+                        self.domains / folder)
             assert after == before
-            if got == 0:
-                self.scratch.setdefault(folder, set()).add("control")
             return
         if folder not in before:
             self.expect(got, errno.ENOENT, f"{word} > {folder}/control (no such folder)")
@@ -589,6 +607,10 @@ class MountSession(RuleBasedStateMachine):
                         f"rmdir {folder}/snapshots/current (the link)")
         elif domain.snapshot(name) is None:
             self.expect(got, errno.ENOENT, f"rmdir {folder}/snapshots/{snapshot} (none)")
+        elif self.guard_refuses((domain.uuid, name), got):
+            self.expect(got, errno.ENOTEMPTY,
+                        f"rmdir {folder}/snapshots/{snapshot} (a recursive delete walked it)",
+                        self.domains / folder / "snapshots")
         else:
             self.expect(got, 0, f"rmdir {folder}/snapshots/{snapshot}",
                         self.domains / folder / "snapshots")
@@ -596,6 +618,7 @@ class MountSession(RuleBasedStateMachine):
             assert left.snapshot(name) is None
             assert {n for n, _ in left.snapshots} == {n for n, _ in domain.snapshots} - {name}
             assert left.state == domain.state
+            self.guards.pop((domain.uuid, name), None)
             return
         assert after == before
 
@@ -673,13 +696,22 @@ class MountSession(RuleBasedStateMachine):
         else:
             shutil.rmtree(target, ignore_errors=True)
         after = self.truth()
-        if RECURSIVE_DELETES_REFUSED:
-            assert after == before, f"{tool} {target} destroyed libvirt objects"
-        if folder in self.pending and not os.path.lexists(self.domains / folder):
-            self.pending.discard(folder)
-        for name in list(self.scratch):
-            if name not in after and name not in self.pending:
-                del self.scratch[name]
+        assert after == before, f"{tool} {target} removed libvirt objects"
+        if folder in self.pending:
+            if not inner:  # a pending folder exists only in this mount: it goes
+                assert not os.path.lexists(self.domains / folder), f"{tool} {target}"
+                self.pending.discard(folder)
+                self.scratch.pop(folder, None)
+            return
+        if folder not in before:
+            return
+        # It walked the domain's folder (its rmdir of snapshots/ is an rmdir inside it)
+        # and every snapshot's.
+        domain = before[folder]
+        now = time.monotonic()
+        for key in [(domain.uuid, None), *((domain.uuid, name) for name, _ in domain.snapshots)]:
+            when, refused = self.guards.get(key, (now, False))
+            self.guards[key] = (now, refused if now - when < GUARD_SECONDS else False)
         with contextlib.suppress(OSError):
             if folder in self.scratch:
                 self.scratch[folder] &= set(os.listdir(self.domains / folder))
