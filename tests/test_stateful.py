@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import shutil
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 import pytest
-import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -45,11 +42,8 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from inprocess import InProcessMount, allow_in_a_thread
 from lxml import etree
-
-from libvirtfs.mount import serve as serve_module
-from libvirtfs.mount.options import MountOptions
-from libvirtfs.mount.serve import parse_host, serve
 
 URI = "test:///default"
 
@@ -182,77 +176,6 @@ def reset_host(conn: libvirt.virConnect) -> None:
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                               | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     conn.defineXML(SEED).create()
-
-
-# -- the mount, in a thread of this process ------------------------------------------------
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-async def _no_signals() -> None:
-    """serve() listens for SIGTERM; only the main thread may, and the test owns that one."""
-    await trio.sleep_forever()
-
-
-class InProcessMount:
-    """`serve()` in a thread with its own trio loop, so that libvirt's in-process test host
-    is the one this process sees too.  Only the main thread and subprocesses touch it."""
-
-    def __init__(self, mountpoint: Path, uri: str, options: str = "") -> None:
-        self.path = mountpoint
-        self.uri = uri
-        self.options = MountOptions()
-        if options:
-            self.options.add(options)
-        self.failures: list[BaseException] = []
-        self.log = _Collect()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.path.mkdir(exist_ok=True)
-        ready = threading.Event()
-
-        def serve_here() -> None:
-            try:
-                trio.run(serve, [parse_host(self.uri)], str(self.path), self.options,
-                         ready.set)
-            except BaseException as e:
-                self.failures.append(e)
-            finally:
-                ready.set()
-
-        logging.getLogger("libvirtfs").addHandler(self.log)
-        self._thread = threading.Thread(target=serve_here, name="libvirtfs-mount",
-                                        daemon=True)
-        self._thread.start()
-        if not ready.wait(30) or self.failures:
-            raise RuntimeError(f"the mount did not come up: {self.failures}")
-
-    def stop(self) -> None:
-        """Unmount as a user would, and require a clean end: no exception, no traceback."""
-        try:
-            if self._thread is None:
-                return
-            result = subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True,
-                                    text=True, timeout=30)
-            self._thread.join(15)
-            if self._thread.is_alive():
-                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], timeout=30)
-                self._thread.join(5)
-                raise AssertionError(f"the mount did not end after fusermount3 -u "
-                                     f"({result.stderr.strip()})")
-            assert result.returncode == 0, result.stderr
-            assert not self.failures, self.failures
-            errors = [self.log.format(r) for r in self.log.records if r.levelno >= logging.ERROR]
-            assert not errors, "\n".join(errors)
-        finally:
-            logging.getLogger("libvirtfs").removeHandler(self.log)
 
 
 # -- running tools -------------------------------------------------------------------------
@@ -812,11 +735,11 @@ def libvirt_host() -> libvirt.virConnect:
 
 def test_random_sessions_match_libvirt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        libvirt_host: libvirt.virConnect) -> None:
-    monkeypatch.setattr(serve_module, "_stop_on_signals", _no_signals)
+    allow_in_a_thread(monkeypatch)
     monkeypatch.chdir(tmp_path)  # no tool may keep the mount busy
     MountSession.workdir = tmp_path
     MountSession.conn = libvirt_host
     run_state_machine_as_test(MountSession, settings=settings(
         max_examples=EXAMPLES, stateful_step_count=STEPS, derandomize=not RANDOM,
-        deadline=None, database=None, print_blob=RANDOM,
+        deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
