@@ -100,27 +100,29 @@ class Connection:
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         conn = self._open()
-        if self.faults is not None:
-            self._inject(conn)
+        fault = self._inject(conn) if self.faults is not None else None
         try:
-            return fn(conn, *args)
+            result = fn(conn, *args)
         except libvirt.libvirtError as e:
             if e.get_error_code() in _CONNECTION_GONE:
                 with self._open_lock:
                     if self._conn is conn:
                         self._conn = None
             raise from_libvirt(e) from None
+        faults.FaultRules.apply_stall(fault)
+        return result
 
-    def _inject(self, conn: libvirt.virConnect) -> None:
+    def _inject(self, conn: libvirt.virConnect) -> faults.Fault | None:
         fault = self.faults.fault_for(self.requested_uri) if self.faults else None
         if fault is None:
-            return
+            return None
         if fault.kind == "drop":
             # What libvirtd going away looks like from here: the close callback runs and
             # this connection is dead; the call at hand fails, the next one reconnects.
             self._closed(conn, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
             conn.close()
         faults.FaultRules.apply_delay_or_error(fault)
+        return fault
 
     def close_now(self) -> None:
         """Close the connection (blocking; for shutdown)."""

@@ -7,6 +7,8 @@ first word:
 
     test:///tmp/host.xml delay 5      every call sleeps 5 s first (a hung libvirtd)
     test:///tmp/host.xml error 5      every call fails with errno 5
+    test:///tmp/host.xml stall 2      every call's answer arrives 2 s late: libvirt has
+                                      answered, and what happens meanwhile is newer
     test:///tmp/host.xml drop         the connection is closed under the next call, as when
                                       libvirtd goes away (the close callback runs)
 
@@ -28,7 +30,7 @@ ENVIRONMENT = "LIBVIRTFS_FAULTS"
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # delay, error, drop
+    kind: str  # delay, error, drop, stall
     value: float = 0.0
 
 
@@ -80,6 +82,12 @@ class FaultRules:
         elif fault.kind == "error":
             err = int(fault.value) or errno.EIO
             raise DriverError(err, f"injected fault: {os.strerror(err)}")
+
+    @staticmethod
+    def apply_stall(fault: Fault | None) -> None:
+        """After the real call: hold its answer back."""
+        if fault is not None and fault.kind == "stall":
+            time.sleep(fault.value)
 
 
 def from_environment() -> FaultRules | None:

@@ -1,0 +1,319 @@
+"""Nothing false: what the mount shows after a change is the change (issue 7).
+
+Races are made deterministic with drivers/faults.py: `stall N` lets libvirt answer and then
+holds the answer back N seconds, so a read or a listing in flight carries an older truth
+than a change made meanwhile through another path into the same mount.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import struct
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import Mounted, eventually, expect_errno, info, run, sh, write_file
+
+STALL = 2.0
+
+VM = """<domain type='test'>
+  <name>{name}</name>
+  <memory unit='KiB'>65536</memory>
+  <os><type>hvm</type></os>
+</domain>
+"""
+
+
+@pytest.fixture
+def slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mount_factory):
+    """A test:/// host `lab` with a running domain `vm`, an hour-long cache, and a faults
+    file: slow.stall() holds every libvirt answer back until slow.resume()."""
+    host_xml = tmp_path / "lab.xml"
+    host_xml.write_text("<node>" + VM.format(name="vm") + "</node>")
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    uri = f"test://{host_xml}"
+
+    mounted = mount_factory(f"lab={uri}", options="timeout=10,cache_timeout=3600")
+    yield SimpleNamespace(
+        host=mounted.host("lab"),
+        stall=lambda: rules.write_text(f"{uri} stall {STALL}\n"),
+        resume=rules.unlink)
+    rules.unlink(missing_ok=True)
+
+
+def in_background(fn, *args):
+    """Start fn(*args) in a thread; give it time to reach libvirt."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    time.sleep(0.5)
+    assert not future.done(), "the call was meant to be held back"
+    return future
+
+
+# -- a change made while a read or a listing is in flight -------------------------------
+
+def test_a_read_in_flight_never_hides_a_control_word(slow) -> None:
+    vm = slow.host / "domains/vm"
+    sh(f"echo suspend > {vm}/control")
+    slow.stall()
+    reading = in_background((vm / "state").read_text)  # libvirt says paused, late
+    slow.resume()
+    sh(f"echo resume > {vm}/control")
+    assert reading.result() == "paused\n"  # what was true when it asked
+    assert (vm / "state").read_text() == "running\n"
+    assert info(vm / "info")["state"] == "running"
+
+
+def test_a_listing_in_flight_never_drops_a_domain_defined_meanwhile(slow) -> None:
+    domains = slow.host / "domains"
+    (domains / "new").mkdir()
+    inode = os.stat(domains / "new").st_ino
+    os.stat(domains / "new/xml")
+    (domains / "other").mkdir()
+    write_file(domains / "other/xml", VM.format(name="other"))  # the listing is now old
+    slow.stall()
+    listing = in_background(os.listdir, domains)  # libvirt lists vm and other, late
+    slow.resume()
+    write_file(domains / "new/xml", VM.format(name="new"))
+    assert "other" in listing.result()
+    assert sorted(os.listdir(domains)) == ["new", "other", "vm"]
+    assert os.stat(domains / "new").st_ino == inode
+    assert {e.name: e.inode() for e in os.scandir(domains)}["new"] == inode
+    assert (domains / "new/state").read_text() == "shutoff\n"
+
+
+def test_a_listing_during_a_define_shows_the_new_domain_once(slow) -> None:
+    domains = slow.host / "domains"
+    (domains / "new").mkdir()
+    inode = os.stat(domains / "new").st_ino
+    os.stat(domains / "new/xml")
+    (domains / "other").mkdir()
+    write_file(domains / "other/xml", VM.format(name="other"))  # the listing is now old
+    slow.stall()
+    defining = in_background(write_file, domains / "new/xml", VM.format(name="new"))
+    slow.resume()
+    # libvirt has defined it; the writer has not heard yet.
+    listed = {e.name: e.inode() for e in os.scandir(domains)}
+    defining.result()
+    assert listed["new"] == inode
+    assert {e.name: e.inode() for e in os.scandir(domains)}["new"] == inode
+    assert os.stat(domains / "new").st_ino == inode
+
+
+# -- info, state and autostart agree after a change through the mount -------------------
+
+def test_info_and_state_agree_after_control_and_autostart(slow) -> None:
+    vm = slow.host / "domains/vm"
+    assert info(vm / "info")["autostart"] == "no"
+    assert (vm / "state").read_text() == "running\n"
+    sh(f"echo 1 > {vm}/autostart")
+    assert info(vm / "info")["autostart"] == "yes"
+    assert (vm / "autostart").read_text() == "1\n"
+    sh(f"echo suspend > {vm}/control")
+    assert info(vm / "info")["state"] == "paused"
+    assert (vm / "state").read_text() == "paused\n"
+
+
+# -- removals and renames leave no ghost -----------------------------------------------
+
+def test_a_removed_folder_stays_gone_for_whoever_holds_it(demo: Mounted, tmp_path: Path) -> None:
+    domains = demo.host() / "domains"
+    (domains / "web").mkdir()
+    write_file(domains / "web/xml", VM.format(name="web"))
+    held = os.open(domains / "web", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert "state" in os.listdir(held)
+        os.rmdir(domains / "web")
+        expect_errno(errno.ENOENT, os.stat, domains / "web")
+        expect_errno(errno.ENOENT, os.listdir, held)
+        expect_errno(errno.ENOENT, os.stat, "state", dir_fd=held)
+    finally:
+        os.close(held)
+
+
+def test_mv_leaves_no_ghost_of_the_old_name(demo: Mounted) -> None:
+    domains = demo.host() / "domains"
+    (domains / "a").mkdir()
+    write_file(domains / "a/xml", VM.format(name="a"))
+    inode = os.stat(domains / "a").st_ino
+    run("mv", domains / "a", domains / "b")
+    expect_errno(errno.ENOENT, os.stat, domains / "a")
+    assert os.stat(domains / "b").st_ino == inode
+    assert sorted(os.listdir(domains)) == ["b", "test"]
+    assert info(domains / "b/info")["name"] == "b"
+
+
+# -- a missing name costs one lookup per cache_timeout ---------------------------------
+
+def test_a_missing_name_is_looked_up_once(mount_factory) -> None:
+    mounted = mount_factory("test:///default", options="cache_timeout=30")
+    domains = mounted.host() / "domains"
+    os.listdir(domains)
+    for _ in range(100):
+        expect_errno(errno.ENOENT, os.stat, domains / "nothere")
+    assert len(re.findall(r"lookup\(\d+, b'nothere'", mounted.log())) == 1
+    # ...and the name can be made at once, and holds what is written.
+    (domains / "nothere").mkdir()
+    assert os.listdir(domains / "nothere") == ["xml"]
+    write_file(domains / "nothere/xml", VM.format(name="nothere"))
+    assert (domains / "nothere/state").read_text() == "shutoff\n"
+    os.rmdir(domains / "nothere")
+    expect_errno(errno.ENOENT, os.stat, domains / "nothere")
+    (domains / "nothere").mkdir()
+    assert os.listdir(domains / "nothere") == ["xml"]
+
+
+# -- the kernel's invalidation queue ---------------------------------------------------
+
+def test_an_event_storm_drops_no_invalidation() -> None:
+    from libvirtfs.nodes.base import Context, Directory
+    from libvirtfs.vfs.inodes import InodeTable
+    from libvirtfs.vfs.kernel_cache import KernelCache
+
+    ctx = Context()
+    root = Directory(ctx)
+    cache = KernelCache(InodeTable(root))
+    for n in range(50_000):
+        cache.entry_changed(root, f"vm-{n}", None)
+        cache.node_changed(root)
+    assert cache.pending() == 100_000
+
+
+# -- changes made elsewhere (virsh on the real libvirtd) -------------------------------
+
+GUEST = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>
+"""
+
+IN_DELETE = 0x200
+
+
+def watch(folder: Path):
+    """An inotify watch on `folder`; returns (fd, read names deleted so far)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK)
+    assert fd >= 0
+    assert libc.inotify_add_watch(fd, bytes(folder), IN_DELETE) >= 0
+
+    def deleted() -> list[str]:
+        names: list[str] = []
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return names
+        offset = 0
+        while offset < len(data):
+            _, mask, _, length = struct.unpack_from("iIII", data, offset)
+            name = data[offset + 16:offset + 16 + length].rstrip(b"\0").decode()
+            if mask & IN_DELETE:
+                names.append(name)
+            offset += 16 + length
+        return names
+
+    return fd, deleted
+
+
+@pytest.fixture
+def guest(qemu_uri: str, tmp_path: Path):
+    name = f"truth-{uuid.uuid4().hex[:8]}"
+    document = tmp_path / "guest.xml"
+    document.write_text(GUEST.format(name=name))
+    yield name, document
+    run("virsh", "-c", qemu_uri, "destroy", name, check=False)
+    run("virsh", "-c", qemu_uri, "undefine", name, check=False)
+
+
+def _virsh(uri: str, *args: str | os.PathLike) -> str:
+    return run("virsh", "-c", uri, *args).stdout.strip()
+
+
+@pytest.mark.qemu
+def test_undefine_and_define_elsewhere_never_shows_half_a_folder(
+        mount_factory, qemu_uri: str, guest) -> None:
+    name, document = guest
+    mounted = mount_factory(f"lab={qemu_uri}", options="cache_timeout=3600")
+    folder = mounted.host("lab") / "domains" / name
+    _virsh(qemu_uri, "define", document)
+    eventually(lambda: _assert(folder.exists()), timeout=3)
+    full = ["autostart", "control", "info", "live.xml", "snapshots", "state", "xml"]
+    assert sorted(os.listdir(folder)) == full
+    assert (folder / "state").read_text() == "shutoff\n"
+    assert "start" in (folder / "control").read_text()
+    _virsh(qemu_uri, "undefine", name)
+    _virsh(qemu_uri, "define", document)  # a new UUID, the same name
+    new_uuid = _virsh(qemu_uri, "domuuid", name)
+    assert sorted(os.listdir(folder)) == full
+    assert (folder / "state").read_text() == "shutoff\n"
+    assert info(folder / "info")["uuid"] == new_uuid
+    sh(f"echo start > {folder}/control")
+    assert (folder / "state").read_text() == "running\n"
+    assert info(folder / "info")["state"] == "running"
+
+
+@pytest.mark.qemu
+def test_undefine_elsewhere_leaves_no_ghost(mount_factory, qemu_uri: str, guest) -> None:
+    name, document = guest
+    mounted = mount_factory(f"lab={qemu_uri}", options="cache_timeout=3600")
+    domains = mounted.host("lab") / "domains"
+    _virsh(qemu_uri, "define", document)
+    eventually(lambda: _assert((domains / name).exists()), timeout=3)
+    assert (domains / name / "state").read_text() == "shutoff\n"
+    held = os.open(domains / name, os.O_RDONLY | os.O_DIRECTORY)
+    fd, deleted = watch(domains)
+    try:
+        _virsh(qemu_uri, "undefine", name)
+        eventually(lambda: _assert(name in deleted()), timeout=3)
+        expect_errno(errno.ENOENT, os.stat, domains / name)
+        assert name not in os.listdir(domains)
+        expect_errno(errno.ENOENT, os.listdir, held)
+    finally:
+        os.close(held)
+        os.close(fd)
+
+
+@pytest.mark.qemu
+def test_a_name_missing_then_defined_elsewhere_appears(
+        mount_factory, qemu_uri: str, guest) -> None:
+    name, document = guest
+    mounted = mount_factory(f"lab={qemu_uri}", options="cache_timeout=3600")
+    domains = mounted.host("lab") / "domains"
+    expect_errno(errno.ENOENT, os.stat, domains / name)  # cached as missing...
+    _virsh(qemu_uri, "define", document)
+    # ...until libvirt's event says otherwise.
+    eventually(lambda: _assert((domains / name / "state").read_text() == "shutoff\n"),
+               timeout=3)
+
+
+@pytest.mark.qemu
+def test_a_rename_elsewhere_moves_the_folder(mount_factory, qemu_uri: str, guest) -> None:
+    name, document = guest
+    mounted = mount_factory(f"lab={qemu_uri}", options="cache_timeout=3600")
+    domains = mounted.host("lab") / "domains"
+    _virsh(qemu_uri, "define", document)
+    eventually(lambda: _assert((domains / name).exists()), timeout=3)
+    inode = os.stat(domains / name).st_ino
+    renamed = name + "-r"
+    try:
+        _virsh(qemu_uri, "domrename", name, renamed)
+        eventually(lambda: _assert(not (domains / name).exists()), timeout=3)
+        assert os.stat(domains / renamed).st_ino == inode
+        assert info(domains / renamed / "info")["name"] == renamed
+    finally:
+        run("virsh", "-c", qemu_uri, "undefine", renamed, check=False)
+
+
+def _assert(condition: bool) -> None:
+    assert condition
+
