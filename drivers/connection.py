@@ -100,7 +100,7 @@ class Connection:
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         conn = self._open()
-        fault = self._inject(conn) if self.faults is not None else None
+        fault = self._inject(conn, fn) if self.faults is not None else None
         try:
             result = fn(conn, *args)
         except libvirt.libvirtError as e:
@@ -112,8 +112,9 @@ class Connection:
         faults.FaultRules.apply_stall(fault)
         return result
 
-    def _inject(self, conn: libvirt.virConnect) -> faults.Fault | None:
-        fault = self.faults.fault_for(self.requested_uri) if self.faults else None
+    def _inject(self, conn: libvirt.virConnect, fn: Callable[..., Any]) -> faults.Fault | None:
+        call = getattr(fn, "__qualname__", "")
+        fault = self.faults.fault_for(self.requested_uri, call) if self.faults else None
         if fault is None:
             return None
         if fault.kind == "drop":

@@ -9,6 +9,9 @@ first word:
     test:///tmp/host.xml error 5      every call fails with errno 5
     test:///tmp/host.xml stall 2      every call's answer arrives 2 s late: libvirt has
                                       answered, and what happens meanwhile is newer
+
+A last word limits a rule to the calls made by one method of drivers/host.py:
+`test:///tmp/host.xml stall 2 list_domains`.
     test:///tmp/host.xml drop         the connection is closed under the next call, as when
                                       libvirtd goes away (the close callback runs)
 
@@ -32,6 +35,7 @@ ENVIRONMENT = "LIBVIRTFS_FAULTS"
 class Fault:
     kind: str  # delay, error, drop, stall
     value: float = 0.0
+    call: str = ""  # only calls made by this method (its name in the caller's qualname)
 
 
 class FaultRules:
@@ -60,13 +64,15 @@ class FaultRules:
                 except ValueError:
                     continue  # a rule being written, or a typo: no fault
                 if len(words) >= 2:
-                    rules[words[0]] = Fault(words[1], value)
+                    rules[words[0]] = Fault(words[1], value, *words[3:4])
         self._rules, self._stamp = rules, stamp
 
-    def fault_for(self, uri: str | None) -> Fault | None:
+    def fault_for(self, uri: str | None, call: str = "") -> Fault | None:
         with self._lock:
             self._reload()
             fault = self._rules.get(uri or "")
+            if fault is not None and fault.call and fault.call not in call.split("."):
+                return None
             if fault is not None and fault.kind == "drop":
                 # A drop happens once per writing of the rules file.
                 token = (uri or "", self._stamp or (0.0, 0))
