@@ -4,6 +4,10 @@ A node is a long-lived object with a permanent `id` (the vfs uses it as the inod
 so it is never reused).  Directories keep their children across listings, matched by an
 identity key (a UUID, a name), so an object keeps its node, and its inode, for its life.
 Errors are `OSError`s with an errno; the vfs passes them on to the kernel as they are.
+
+Cached renderings and listings carry a generation: `invalidate()` bumps it, and a render
+or scan that was in flight meanwhile is handed to its caller but not kept as fresh, so a
+change is never hidden behind an answer older than it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ class Context:
     # Called with a node whose content or listing changed without anybody asking (events),
     # so the vfs can tell the kernel to drop what it cached.  No-op without a mount.
     changed: Callable[[Node], None] = lambda node: None
+    # Called when a name in a folder appeared, went or names another node now, so the vfs
+    # can tell the kernel to look it up again; `gone` is the node it named, if that is gone.
+    entry_changed: Callable[[Directory, str, Node | None], None] = (
+        lambda directory, name, gone: None)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def new_id(self) -> int:
@@ -64,6 +72,7 @@ class Node:
         self.parent: Directory | None = None
         self.mtime = self.ctime = ctx.now()
         self.last_error = ""
+        self.gone = False  # its object went: ENOENT for good, whoever still holds it
 
     @property
     def path(self) -> str:
@@ -87,6 +96,30 @@ class Node:
 
     def invalidate(self) -> None:
         """Forget cached renderings, so the next read asks libvirt again."""
+
+    @property
+    def alive(self) -> bool:
+        """False once this node or a folder above it was found gone."""
+        node: Node | None = self
+        while node is not None:
+            if node.gone:
+                return False
+            node = node.parent
+        return True
+
+    def vanish(self) -> None:
+        """The object behind this node is gone; a new one of the same name gets a new node."""
+        self.gone = True
+
+    def rekey(self, key: Hashable) -> bool:
+        """The same name now stands for another object (libvirt's undefine and define
+        again: a new UUID).  Nodes that can show it instead say True (see objects.py)."""
+        return False
+
+    async def recheck(self) -> bool:
+        """libvirt says what this node shows does not exist: list again where that is
+        decided; True if the node now shows another object, worth asking again."""
+        return await self.parent.recheck() if self.parent is not None else False
 
     def resolve(self) -> Node:
         """The node that operations on this one reach (see ScratchFile.replaced)."""
@@ -181,9 +214,11 @@ class QueryFile(File):
         self._render = render
         self._cached: bytes | None = None
         self._fetched_at: float | None = None
+        self._generation = 0
         self._lock = trio.Lock()
 
     def invalidate(self) -> None:
+        self._generation += 1
         self._fetched_at = None  # the old bytes stay, to tell whether the next ones differ
 
     def fresh(self) -> bool:
@@ -196,13 +231,22 @@ class QueryFile(File):
         async with self._lock:
             if self.fresh():
                 return self._cached  # type: ignore[return-value]
-            data = await self._render()
+            generation, fetched_at = self._generation, self.ctx.now()
+            try:
+                data = await self._render()
+            except OSError as e:
+                if e.errno != errno.ENOENT or not await self.recheck():
+                    raise
+                generation = self._generation
+                data = await self._render()
             if isinstance(data, str):
                 data = data.encode()
             if self._cached is not None and data != self._cached:
                 self.touch()
                 self.ctx.changed(self)
-            self._cached, self._fetched_at = data, self.ctx.now()
+            self._cached = data
+            if generation == self._generation:  # else a change landed while we asked
+                self._fetched_at = fetched_at
             return data
 
 
@@ -246,6 +290,8 @@ class Directory(Node):
         self._by_name: dict[str, Node] = {}
         self._scanned_at: float | None = None
         self._ever_scanned = False
+        self._generation = 0
+        self._scan_complete = True
         self._scan_lock = trio.Lock()
 
     def permissions(self) -> int:
@@ -255,6 +301,7 @@ class Directory(Node):
         raise NotImplementedError
 
     def invalidate(self) -> None:
+        self._generation += 1
         self._scanned_at = None
 
     def known(self, key: Hashable) -> Node | None:
@@ -276,26 +323,77 @@ class Directory(Node):
         if refresh or not self.fresh():
             async with self._scan_lock:
                 if refresh or not self.fresh():
-                    scanned_at = self.ctx.now()
-                    self._adopt(await self.scan())
-                    self._scanned_at = scanned_at
+                    await self._rescan()
+        return self._visible()
+
+    def _visible(self) -> dict[str, Node]:
         extra = self.extra_children()
         if not extra:
             return self._by_name
         merged = {**self._by_name, **extra}
         return dict(sorted(merged.items(), key=lambda item: item[1].id))
 
+    # A listing that keeps racing changes is tried this often; the last one is kept
+    # without dropping anything, and not as fresh.
+    _SCAN_ATTEMPTS = 3
+
+    async def _rescan(self) -> None:
+        before = self._visible() if self._ever_scanned else None
+        for _ in range(self._SCAN_ATTEMPTS):
+            generation, scanned_at = self._generation, self.ctx.now()
+            entries = await self.scan()
+            self._scan_complete = generation == self._generation
+            self._adopt(entries)
+            if self._scan_complete:
+                self._scanned_at = scanned_at
+                break
+        if before is not None:
+            self._tell_entries(before, self._visible())
+
+    def _tell_entries(self, before: dict[str, Node], after: dict[str, Node]) -> None:
+        """Say which names went, appeared or changed node, for the kernel's caches."""
+        kept = {id(node) for node in after.values()}
+        for name, node in before.items():
+            if after.get(name) is node:
+                continue
+            gone = id(node) not in kept and self._scan_complete
+            if gone:
+                node.vanish()
+            self.ctx.entry_changed(self, name, node if gone else None)
+        for name in after.keys() - before.keys():
+            self.ctx.entry_changed(self, name, None)  # a "missing" the kernel may keep
+
     def _adopt(self, entries: list[Entry]) -> None:
+        """Match a scan's entries to the nodes known so far.  After a complete scan, a name
+        whose object was replaced keeps its node when the node can show the new one
+        (`rekey`); a scan that raced a change (incomplete) drops and replaces nothing."""
+        complete = self._scan_complete
+        names = {entry.key: to_filename(entry.name, self.reserved) for entry in entries}
+        key_of = {id(node): key for key, node in self._by_key.items()}
         by_key: dict[Hashable, Node] = {}
         by_name: dict[str, Node] = {}
         for entry in entries:
+            name = names[entry.key]
             node = self._by_key.get(entry.key)
             if node is None:
-                node = entry.make()
+                previous = self._by_name.get(name)
+                if previous is not None and key_of.get(id(previous)) not in names:
+                    if not complete:
+                        continue  # decided by the next, complete scan
+                    if previous.rekey(entry.key):
+                        node = previous
+                        for changed in node.walk_known():
+                            self.ctx.changed(changed)
+                if node is None:
+                    node = entry.make()
             node.parent = self
-            node.name = to_filename(entry.name, self.reserved)
+            node.name = name
             by_key[entry.key] = node
             by_name[node.name] = node
+        if not complete:
+            for key, node in self._by_key.items():
+                if key not in by_key and node.name not in by_name:
+                    by_key[key], by_name[node.name] = node, node
         if self._ever_scanned and by_name.keys() != self._by_name.keys():
             self.touch()
             self.ctx.changed(self)
@@ -321,13 +419,14 @@ class Directory(Node):
                      replace: bool = True) -> None:
         raise fs_error(errno.EPERM, f"{self.path}/{name} cannot be renamed")
 
+    async def find(self, name: str) -> Node | None:
+        """The child called `name`, or None.  A miss is answered from a listing kept for
+        `cache_timeout` like any other: shells and editors probe many missing names, and
+        libvirt's events or the timeout bring in what appeared elsewhere."""
+        return (await self.children()).get(name)
+
     async def lookup(self, name: str) -> Node:
-        children = await self.children()
-        node = children.get(name)
-        if node is None and self._scanned_at is not None:
-            # Something may have appeared since the last scan (virsh define, mkdir).
-            children = await self.children(refresh=True)
-            node = children.get(name)
+        node = await self.find(name)
         if node is None:
             raise fs_error(errno.ENOENT, f"{self.path}/{name} does not exist")
         return node
@@ -351,8 +450,3 @@ class StaticDirectory(Directory):
             self._built = True
         return self._by_name
 
-    async def lookup(self, name: str) -> Node:
-        node = (await self.children()).get(name)
-        if node is None:
-            raise fs_error(errno.ENOENT, f"{self.path}/{name} does not exist")
-        return node

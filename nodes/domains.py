@@ -88,7 +88,8 @@ class DomainDirectory(ObjectDirectory):
 
         return [
             Entry("live.xml", "live.xml", lambda: QueryFile(self.ctx, live_xml)),
-            Entry("snapshots", "snapshots",
+            # Keyed by the domain: a domain defined anew under this name has new snapshots.
+            Entry(("snapshots", self.key), "snapshots",
                   lambda: SnapshotsDirectory(self.ctx, self.host, self.key)),
         ]
 

@@ -15,13 +15,14 @@ rmdir, mv), so an rmdir never races a `start` into a transient running domain; a
 from __future__ import annotations
 
 import errno
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, QueryFile, fs_error
 from libvirtfs.nodes.guard import Guard
-from libvirtfs.nodes.names import from_filename, name_for_new_object
+from libvirtfs.nodes.names import from_filename, name_for_new_object, to_filename
 from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.words import CONTROL_WORDS
 from libvirtfs.nodes.writable import ControlFile, DefinitionFile, FlagFile, ScratchFile
@@ -59,6 +60,31 @@ class ObjectDirectory(Directory):
     @property
     def pending(self) -> bool:
         return self.key is None
+
+    @property
+    def defining(self) -> bool:
+        """A pending folder whose first definition is with libvirt right now."""
+        return self.key is None and self._define_lock.locked()
+
+    def rekey(self, key: Hashable) -> bool:
+        """Undefined and defined again under the same name (a new UUID, say by virsh):
+        this folder shows the new object, so that nobody who holds it or is about to
+        read it finds a half-empty folder."""
+        if self.key is None:
+            return False
+        self.key = key  # type: ignore[assignment]
+        self.invalidate_all()
+        return True
+
+    async def recheck(self) -> bool:
+        if self.key is None or not isinstance(self.parent, CollectionDirectory):
+            return False
+        key = self.key
+        try:
+            await self.parent.children(refresh=True)
+        except OSError:
+            return False
+        return self.key != key and self.alive
 
     # What an existing object serves: state, info, xml, autostart and control, then what
     # its kind adds.  Subclasses say how to read state and info and which words apply.
@@ -103,6 +129,7 @@ class ObjectDirectory(Directory):
 
         async def set_autostart(value: bool) -> None:
             await host.set_autostart(kind, self.key, value)  # type: ignore[arg-type]
+            self.invalidate_all()  # `info` says autostart too
 
         return [
             Entry("state", "state", lambda: QueryFile(ctx, state)),
@@ -253,8 +280,13 @@ class CollectionDirectory(Directory):
         raise NotImplementedError
 
     async def scan(self) -> list[Entry]:
+        listing = await self.listing()
+        # A folder made here whose definition libvirt has taken but not yet answered for
+        # is that object: it keeps its node, and no second one appears meanwhile.
+        defining = {name for name, node in self._pending.items() if node.defining}
         return [Entry(key, name, lambda key=key: self.make(key))
-                for key, name in await self.listing()]
+                for key, name in listing
+                if key in self._by_key or to_filename(name, self.reserved) not in defining]
 
     def extra_children(self) -> dict[str, Node]:
         return {name: node for name, node in self._pending.items() if name not in self._by_name}

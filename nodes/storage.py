@@ -38,7 +38,7 @@ class PoolDirectory(ObjectDirectory):
         return POOL_WORDS_BY_STATE.get(await self.state(), [])
 
     def extra_served(self) -> list[Entry]:
-        return [Entry("volumes", "volumes",
+        return [Entry(("volumes", self.key), "volumes",
                       lambda: VolumesDirectory(self.ctx, self.host, self.key))]
 
 

@@ -128,7 +128,13 @@ class ControlFile(WordFile):
             raise fs_error(errno.EINVAL, "write one control word per write "
                                          f"(got {len(lines)} lines)")
         word, *arguments = lines[0]
-        await self._run(word, arguments)
+        try:
+            await self._run(word, arguments)
+        except OSError as e:
+            # Its object was defined anew under the same name: the word is for the new one.
+            if e.errno != errno.ENOENT or not await self.recheck():
+                raise
+            await self._run(word, arguments)
         self.last_error = ""
         self.invalidate()
 
