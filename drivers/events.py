@@ -50,11 +50,12 @@ def _run_forever() -> None:
 class Change:
     """Something changed on a host: `kind` is domain, snapshot, pool, volume or network
     (or host: anything may have changed); `uuid` names the object (the domain for a
-    snapshot) when known."""
+    snapshot) when known; `listing`: objects may have come or gone (or been renamed)."""
 
     kind: str
     uuid: str | None = None
     detail: str = ""
+    listing: bool = True
 
 
 class EventForwarder:
@@ -98,10 +99,10 @@ class EventForwarder:
         self._send(Change("domain", dom.UUIDString(), f"{event}:{detail}"))
 
     def _domain_plain(self, conn, dom, opaque) -> None:
-        self._send(Change("domain", dom.UUIDString(), "reboot"))
+        self._send(Change("domain", dom.UUIDString(), "reboot", listing=False))
 
     def _domain_metadata(self, conn, dom, kind, nsuri, opaque) -> None:
-        self._send(Change("domain", dom.UUIDString(), "metadata"))
+        self._send(Change("domain", dom.UUIDString(), "metadata", listing=False))
 
     def _network(self, conn, net, event, detail, opaque) -> None:
         self._send(Change("network", net.UUIDString(), f"{event}:{detail}"))

@@ -20,7 +20,7 @@ from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.events import Change, EventForwarder
 from libvirtfs.drivers.host import Host
 from libvirtfs.mount.options import MountOptions
-from libvirtfs.nodes.base import Context, Node
+from libvirtfs.nodes.base import Context
 from libvirtfs.nodes.hosts import HostDirectory, RootDirectory
 from libvirtfs.vfs.operations import Operations
 
@@ -89,11 +89,10 @@ class Mount:
     def __init__(self, hosts: dict[str, Host], options: MountOptions) -> None:
         self.hosts = hosts
         self.ctx = Context(cache_timeout=options.cache_timeout, read_only=options.read_only,
-                           uid=os.getuid(), gid=os.getgid(), changed=self._changed)
+                           uid=os.getuid(), gid=os.getgid())
         self.root = RootDirectory(self.ctx, hosts)
-        self.operations = Operations(self.root, self.ctx)
+        self.operations = Operations(self.root, self.ctx)  # tells the kernel what changed
         self._send, self._changes = trio.open_memory_channel[tuple[HostDirectory, Change]](1000)
-        self._send_stale, self._stale = trio.open_memory_channel[Node](10000)
 
     async def host_directories(self) -> dict[str, HostDirectory]:
         children = await self.root.hosts_directory.children()
@@ -102,17 +101,19 @@ class Mount:
 
     async def watch_events(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                            ) -> None:
-        """Apply libvirt's events to the tree and drop what the kernel cached of it."""
+        """Apply libvirt's events to the tree (which tells the kernel what to forget and
+        lists again what they touched, in tasks of their own)."""
         token = trio.lowlevel.current_trio_token()
-        for directory in (await self.host_directories()).values():
-            forwarder = EventForwarder(token, self._deliver_to(directory))
-            directory.host.connection.on_open(forwarder.register)
-            # Already open: register on the live connection now.
-            await directory.host.connection.call(forwarder.register)
-        task_status.started()
-        async for directory, change in self._changes:
-            touched = directory.apply(change)
-            await self.forget_kernel_cache(touched)
+        async with trio.open_nursery() as nursery:
+            for directory in (await self.host_directories()).values():
+                forwarder = EventForwarder(token, self._deliver_to(directory))
+                directory.host.connection.on_open(forwarder.register)
+                # Already open: register on the live connection now.
+                await directory.host.connection.call(forwarder.register)
+                nursery.start_soon(directory.keep_listed)
+            task_status.started()
+            async for directory, change in self._changes:
+                directory.apply(change)
 
     def _deliver_to(self, directory: HostDirectory) -> Callable[[Change], None]:
         def deliver(change: Change) -> None:
@@ -122,16 +123,6 @@ class Mount:
                 log.warning("event queue full; dropping %s", change)
         return deliver
 
-    def _changed(self, node: Node) -> None:
-        """A node's content or listing changed: the kernel's copy is stale.  Handled by a
-        task of its own, since invalidating from inside a request handler can deadlock."""
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-            self._send_stale.send_nowait(node)
-
-    async def drop_stale(self) -> None:
-        async for node in self._stale:
-            await self.forget_kernel_cache([node])
-
     async def keep_connected(self, host: Host) -> None:
         """Reconnect a lost host in the background: with events, nothing else would ask
         libvirt anything while renderings are cached, and the tree would stay stale."""
@@ -140,15 +131,6 @@ class Mount:
             if not host.connection.connected:
                 with contextlib.suppress(OSError):
                     await host.open()
-
-    async def forget_kernel_cache(self, nodes: list[Node]) -> None:
-        for node in nodes:
-            if self.operations.inodes.known(node.id) is None:
-                continue
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.id, False)
-            except OSError as e:
-                log.debug("invalidate %s: %s", node.path, e)
 
 
 async def _stop_on_signals() -> None:
@@ -172,7 +154,7 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
         async with trio.open_nursery() as nursery:
             await nursery.start(mount.watch_events)
             nursery.start_soon(_stop_on_signals)
-            nursery.start_soon(mount.drop_stale)
+            nursery.start_soon(mount.operations.kernel_cache.run)
             for host in hosts.values():
                 nursery.start_soon(mount.keep_connected, host)
             ready()

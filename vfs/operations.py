@@ -23,6 +23,7 @@ from libvirtfs.nodes.guard import calling
 from libvirtfs.nodes.handles import Handle
 from libvirtfs.vfs.handles import HandleTable
 from libvirtfs.vfs.inodes import InodeTable
+from libvirtfs.vfs.kernel_cache import KernelCache
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
+def _alive(node: Node) -> Node:
+    if not node.alive:
+        raise fs_error(errno.ENOENT, f"{node.path} is gone")
+    return node
+
+
 class Operations(pyfuse3.Operations):
     """The FUSE side of a mount: inodes, handles, attributes, xattrs, errno."""
 
@@ -76,6 +83,9 @@ class Operations(pyfuse3.Operations):
         self.ctx = ctx
         self.inodes: InodeTable[Node] = InodeTable(root)
         self.handles = HandleTable()
+        self.kernel_cache = KernelCache(self.inodes)
+        ctx.changed = self.kernel_cache.node_changed
+        ctx.entry_changed = self.kernel_cache.entry_changed
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -86,10 +96,10 @@ class Operations(pyfuse3.Operations):
     def _node(self, inode: int) -> Node:
         # A scratch file renamed onto a served file stands in for it: the kernel keeps the
         # renamed inode under the served name until it looks the name up again.
-        return self.inodes.get(inode).resolve()
+        return _alive(self.inodes.get(inode).resolve())
 
     def _directory(self, inode: int) -> Directory:
-        node = self.inodes.get(inode)
+        node = _alive(self.inodes.get(inode))
         if not isinstance(node, Directory):
             raise fs_error(errno.ENOTDIR, f"{node.path} is not a folder")
         return node
@@ -132,6 +142,15 @@ class Operations(pyfuse3.Operations):
         self.inodes.remember(node)
         return attrs
 
+    def _missing(self) -> pyfuse3.EntryAttributes:
+        """A negative entry: the kernel answers ENOENT itself for `cache_timeout`, so that
+        probes of missing names (shells, editors) cost libvirt nothing.  Whatever makes the
+        name appear tells the kernel (Context.entry_changed)."""
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = 0
+        attrs.entry_timeout = self.ctx.cache_timeout
+        return attrs
+
     # -- lookups and attributes --------------------------------------------------------
 
     @_fuse_errors
@@ -142,7 +161,11 @@ class Operations(pyfuse3.Operations):
         elif name == b"..":
             node = parent.parent or parent
         else:
-            node = await parent.lookup(_name(name))
+            found = await parent.find(_name(name))
+            if found is None:
+                log.debug("lookup -> %s/%s is missing", parent.path, _name(name))
+                return self._missing()
+            node = found
         return await self._entry(node)
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -244,9 +267,15 @@ class Operations(pyfuse3.Operations):
     async def _remove(self, parent_inode: int, name: bytes, *, directory: bool) -> None:
         self._check_writable_mount()
         parent = self._directory(parent_inode)
+        removed = (await parent.children()).get(_name(name)) if directory else None
         with parent.reporting():
             await parent.remove(_name(name), directory=directory)
         parent.last_error = ""
+        if removed is not None:
+            # Whoever still holds the folder (a shell's cwd, an open fd) gets ENOENT from
+            # now on, and watchers of the parent hear of the deletion.
+            removed.vanish()
+            self.kernel_cache.entry_changed(parent, _name(name), removed)
 
     @_fuse_errors
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int,
@@ -267,7 +296,9 @@ class Operations(pyfuse3.Operations):
         blamed.last_error = ""
         if moving is not None and moving.resolve() is not moving:
             # Committed onto a served file: make the kernel look the name up again.
-            pyfuse3.invalidate_entry_async(target.id, name_new, ignore_enoent=True)
+            self.kernel_cache.entry_changed(target, _name(name_new), None)
+        if moving is not None:
+            self.kernel_cache.entry_changed(source, _name(name_old), None)
 
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
