@@ -64,7 +64,7 @@ class ObjectDirectory(Directory):
     @property
     def defining(self) -> bool:
         """A pending folder whose first definition is with libvirt right now."""
-        return self.key is None and self._define_lock.locked()
+        return self.key is None and self.lock.locked()
 
     def rekey(self, key: Hashable) -> bool:
         """Undefined and defined again under the same name (a new UUID, say by virsh):
