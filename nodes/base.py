@@ -283,6 +283,10 @@ class Directory(Node):
 
     file_type = stat.S_IFDIR
     reserved: frozenset[str] = frozenset()
+    # Whether the kernel may remember a missing name for `cache_timeout` (a negative
+    # entry).  Only where a miss costs libvirt: elsewhere a name can appear through the
+    # mount (a served file once an object is defined) faster than the kernel can be told.
+    remembers_missing = False
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)

@@ -262,6 +262,7 @@ class CollectionDirectory(Directory):
     """A folder of objects of one kind; `make(key)` builds an object's folder."""
 
     kind: ClassVar[str]
+    remembers_missing = True  # every miss would cost a libvirt listing
 
     def __init__(self, ctx: Context, host: Host, parent_key: str | None = None) -> None:
         super().__init__(ctx)
@@ -295,6 +296,8 @@ class CollectionDirectory(Directory):
         """A pending folder's object now exists: it keeps its node (and inode)."""
         self._pending.pop(node.name, None)
         self._by_key[node.key] = node
+        self._by_name = dict(sorted({**self._by_name, node.name: node}.items(),
+                                    key=lambda item: item[1].id))  # listed where it was
         self.invalidate()
 
     async def mkdir(self, name: str) -> Directory:

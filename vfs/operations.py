@@ -163,6 +163,8 @@ class Operations(pyfuse3.Operations):
         else:
             found = await parent.find(_name(name))
             if found is None:
+                if not parent.remembers_missing:
+                    raise fs_error(errno.ENOENT, f"{parent.path}/{_name(name)} does not exist")
                 log.debug("lookup -> %s/%s is missing", parent.path, _name(name))
                 return self._missing()
             node = found
