@@ -343,6 +343,7 @@ class Directory(Node):
 
     async def _rescan(self) -> None:
         before = self._visible() if self._ever_scanned else None
+        listed = list(self._by_key.values())
         for _ in range(self._SCAN_ATTEMPTS):
             generation, scanned_at = self._generation, self.ctx.now()
             entries = await self.scan()
@@ -351,19 +352,19 @@ class Directory(Node):
             if self._scan_complete:
                 self._scanned_at = scanned_at
                 break
+        if self._scan_complete:
+            kept = {id(node) for node in self._by_key.values()}
+            for node in listed:
+                if id(node) not in kept:
+                    node.vanish()  # a complete listing no longer shows its object
         if before is not None:
             self._tell_entries(before, self._visible())
 
     def _tell_entries(self, before: dict[str, Node], after: dict[str, Node]) -> None:
         """Say which names went, appeared or changed node, for the kernel's caches."""
-        kept = {id(node) for node in after.values()}
         for name, node in before.items():
-            if after.get(name) is node:
-                continue
-            gone = id(node) not in kept and self._scan_complete
-            if gone:
-                node.vanish()
-            self.ctx.entry_changed(self, name, node if gone else None)
+            if after.get(name) is not node:
+                self.ctx.entry_changed(self, name, node if node.gone else None)
         for name in after.keys() - before.keys():
             self.ctx.entry_changed(self, name, None)  # a "missing" the kernel may keep
 

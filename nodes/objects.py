@@ -327,6 +327,7 @@ class CollectionDirectory(Directory):
             if pending.lock.locked():
                 raise fs_error(errno.EBUSY, f"{pending.path}: its xml is being defined now")
             del self._pending[name]
+            self.invalidate()  # an object of that name defined elsewhere shows at once
             self.touch()
             return
         node = await self._object(name)

@@ -273,9 +273,10 @@ class Operations(pyfuse3.Operations):
         with parent.reporting():
             await parent.remove(_name(name), directory=directory)
         parent.last_error = ""
-        if removed is not None:
+        if removed is not None and (await parent.children()).get(_name(name)) is not removed:
             # Whoever still holds the folder (a shell's cwd, an open fd) gets ENOENT from
-            # now on, and watchers of the parent hear of the deletion.
+            # now on, and watchers of the parent hear of the deletion.  (The name may show
+            # another folder now: a pending one goes, an object defined elsewhere stays.)
             removed.vanish()
             self.kernel_cache.entry_changed(parent, _name(name), removed)
 
