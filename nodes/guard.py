@@ -13,7 +13,8 @@ trying to unlink what is inside, which libvirtfs refuses for served files.  So:
   `tar --unlink-first`, Node's `fs.rmSync`, `rm -d`): an rmdir from a program named in
   `RECURSIVE_REMOVERS` never removes an object.
 
-The caller is known through `calling(pid)`, which the vfs wraps around each removal.
+The caller is known through `calling(pid)`, which the vfs wraps around each removal (and
+each open for writing: `control` refuses the programs in `FILE_COPIERS`, see writable.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Caller:
         except (OSError, ValueError):
             return cls(pid)  # gone already, or in another pid namespace
 
+
+# Programs that copy files: a `control` file they write is a saved listing being copied
+# back (`cp -r saved/lab/. networks/lab/` would say `start`), not words someone means.
+FILE_COPIERS = frozenset({"cp", "tar", "bsdtar", "rsync", "install"})
 
 _UNKNOWN = Caller()
 _caller: ContextVar[Caller | None] = ContextVar("libvirtfs_caller", default=None)

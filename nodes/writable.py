@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from libvirtfs.nodes.base import Context, File, QueryFile, fs_error
+from libvirtfs.nodes.guard import FILE_COPIERS, caller
 from libvirtfs.nodes.handles import Handle, WordHandle, opens_for_writing
 
 if TYPE_CHECKING:
@@ -137,6 +138,15 @@ class ControlFile(WordFile):
             await self._run(word, arguments)
         self.last_error = ""
         self.invalidate()
+
+    async def open_handle(self, flags: int) -> Handle:
+        copier = caller().command
+        if opens_for_writing(flags) and copier in FILE_COPIERS:
+            with self.reporting():
+                raise fs_error(errno.EPERM, f"{self.path} takes words written on purpose "
+                                            f"(echo start > control); {copier} copies files, "
+                                            f"and a saved control file is not written back")
+        return await super().open_handle(flags)
 
     async def commit(self, data: bytes) -> None:
         raise fs_error(errno.EPERM, f"{self.path} takes one word per write(); "

@@ -125,3 +125,29 @@ def test_a_refused_xml_leaves_the_folder_pending(domains: Path, tmp_path: Path) 
     expect_errno(errno.EINVAL, os.rename, web / "bad.xml", web / "xml")
     assert os.listdir(web) == ["bad.xml"]
     assert "malformed" in user_error(web)
+
+
+NETWORK = """<network>
+  <name>lab</name>
+  <bridge name='virbr9'/>
+</network>
+"""
+
+
+def test_a_saved_control_file_copied_back_does_nothing(demo: Mounted, tmp_path: Path) -> None:
+    """A stopped network's `control` lists one word, `start`: copied back over the folder,
+    it must not start the network."""
+    lab = demo.host() / "networks" / "lab"
+    os.mkdir(lab)
+    write_file(lab / "xml", NETWORK)
+    run("cp", "-r", lab, tmp_path / "saved")
+    assert (tmp_path / "saved" / "control").read_text() == "start\n"
+    result = run("cp", "-r", f"{tmp_path / 'saved'}/.", f"{lab}/", check=False)
+    assert (lab / "state").read_text() == "inactive\n"
+    assert result.returncode and "control" in result.stderr
+    assert "cp copies files" in user_error(lab / "control")
+    run("tar", "-C", tmp_path / "saved", "-cf", tmp_path / "lab.tar", "control")
+    sh(f"tar -C {lab} --overwrite -xf {tmp_path / 'lab.tar'}", check=False)
+    assert (lab / "state").read_text() == "inactive\n"
+    sh(f"echo start > {lab / 'control'}")  # words written on purpose still work
+    assert (lab / "state").read_text() == "active\n"

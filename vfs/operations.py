@@ -329,9 +329,11 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, File):
             raise fs_error(errno.EISDIR, f"{node.path} is a folder")
-        if flags & _WRITE_FLAGS:
-            self._check_writable_mount()
-        return self._file_info(await node.open_handle(flags))
+        if not flags & _WRITE_FLAGS:
+            return self._file_info(await node.open_handle(flags))
+        self._check_writable_mount()
+        with calling(ctx.pid):  # who writes decides what a control file takes (guard.py)
+            return self._file_info(await node.open_handle(flags))
 
     def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
         return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
