@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -296,3 +297,35 @@ def test_rmdir_racing_start_never_leaves_a_transient_domain(web: Path, domains: 
             assert "web" not in os.listdir(domains)
             os.mkdir(web)
             write_file(web / "xml", WEB)
+
+
+WALKER = """
+import os, sys, threading
+web = sys.argv[1]
+def unlink_all():
+    for name in os.listdir(web):
+        try:
+            os.unlink(os.path.join(web, name))
+        except OSError:
+            pass
+worker = threading.Thread(target=unlink_all)
+worker.start(); worker.join()
+results = []
+for _ in range(2):  # another thread of the same program, twice
+    def remove():
+        try:
+            os.rmdir(web)
+            results.append(0)
+        except OSError as e:
+            results.append(e.errno)
+    thread = threading.Thread(target=remove)
+    thread.start(); thread.join()
+print(results)
+"""
+
+
+def test_a_threaded_walker_is_one_program(web: Path) -> None:
+    """FUSE names the calling thread; the guard knows the program (its thread group)."""
+    result = run(sys.executable, "-c", WALKER, web)
+    assert result.stdout.strip() == f"[{errno.ENOTEMPTY}, {errno.ENOTEMPTY}]"
+    still_there(web)
