@@ -5,8 +5,9 @@ as extended attributes of `snapshots/` (`user.flags`, `user.description`, `user.
 `rmdir` deletes one, as `user.delete-flags` says.  These settings live in memory, in this
 node, for as long as the mount shows the domain, except `user.flags`, which the next
 snapshot taken uses up (`halt` must not stay armed for every later mkdir by anyone).  With
-`redefine` among the flags, mkdir makes a pending folder instead, whose `xml` takes a saved
-document (see docs/snapshots.md); such flags stay until changed.
+`redefine` among the flags, or when cp, tar or rsync makes the folder (restoring a saved
+one), mkdir makes a pending folder instead, whose `xml` takes a saved document (see
+docs/snapshots.md); `redefine` flags stay until changed.
 
 A snapshot folder's mtime is the snapshot's creation time, so `ls -lt` sorts by age.  The
 `current` and `parent` links are nodes that keep their identity and change their target,
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from libvirtfs.nodes.backend import SnapshotSummary
 from libvirtfs.nodes.base import Context, Directory, Entry, Node, QueryFile, Symlink, fs_error
-from libvirtfs.nodes.guard import Guard
+from libvirtfs.nodes.guard import FILE_COPIERS, Guard, caller
 from libvirtfs.nodes.names import name_for_new_object, to_filename
 from libvirtfs.nodes.objects import ObjectDirectory
 from libvirtfs.nodes.render import key_values, word
@@ -157,7 +158,10 @@ class SnapshotsDirectory(Directory):
         flags = self.words(FLAGS)
         description = self.description()
         template = self.settings.get(TEMPLATE)
-        if "redefine" in flags and template is None:
+        # A folder that cp, tar or rsync makes here is a saved snapshot being copied back:
+        # it waits for its xml, whatever the flags say.
+        restoring = caller().command in FILE_COPIERS
+        if ("redefine" in flags and template is None) or restoring:
             if name in await self.children(refresh=True):
                 raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
             node = SnapshotDirectory(self.ctx, self, snapshot, pending=True)

@@ -151,3 +151,29 @@ def test_a_saved_control_file_copied_back_does_nothing(demo: Mounted, tmp_path: 
     assert (lab / "state").read_text() == "inactive\n"
     sh(f"echo start > {lab / 'control'}")  # words written on purpose still work
     assert (lab / "state").read_text() == "active\n"
+
+
+def test_cp_r_of_saved_snapshot_folders_redefines_them(demo: Mounted, tmp_path: Path) -> None:
+    """A folder that cp, tar or rsync makes in snapshots/ waits for its saved xml, which
+    redefines the snapshot: it does not take a new one of the domain as it is now."""
+    snaps = demo.host() / "domains" / "test" / "snapshots"
+    sh(f"cd {snaps} && mkdir s1 && mkdir s2 && mkdir s3")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    run("cp", "-r", snaps / "s1", snaps / "s2", snaps / "s3", saved)
+    created = {name: info(snaps / name / "info")["creation-time"] for name in ("s1", "s2")}
+    run("setfattr", "-n", "user.delete-flags", "-v", "children", snaps)
+    run("rmdir", snaps / "s1")
+    assert os.listdir(snaps) == []
+    run("setfattr", "-n", "user.flags", "-v", "halt", snaps)  # not used by a restore
+
+    result = run("cp", "-r", saved / "s1", saved / "s2", snaps, check=False)
+    assert result.returncode  # state, info, control and the parent link are not copied
+    assert sorted(os.listdir(snaps)) == ["s1", "s2"]
+    assert {name: info(snaps / name / "info")["creation-time"] for name in ("s1", "s2")} \
+        == created
+    assert os.readlink(snaps / "s2" / "parent") == "../s1"
+    assert (demo.host() / "domains" / "test" / "state").read_text() == "running\n"
+    sh(f"rsync -a {saved / 's3'} {snaps}/", check=False)
+    assert sorted(os.listdir(snaps)) == ["s1", "s2", "s3"]
+    assert os.readlink(snaps / "s3" / "parent") == "../s2"

@@ -251,7 +251,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         self._check_writable_mount()
         parent = self._directory(parent_inode)
-        with parent.reporting():
+        with parent.reporting(), calling(ctx.pid):  # cp -r into snapshots/ restores
             node = await parent.mkdir(_name(name))
         parent.last_error = ""
         return await self._entry(node)
