@@ -135,7 +135,7 @@ class Definitions:
             host_id = caps.findtext("host/uuid") or conn.getURI()
             # The test driver's objects live in this process, and another mount of
             # test:///default is another host with the same UUIDs: its records live here too.
-            store = self._memory if conn.getType() == "Test" else self.state
+            store = self._memory if conn.getType().lower() == "test" else self.state
             known = self._host_of = (id(conn), host_id, store)
         return known[1], known[2]
 

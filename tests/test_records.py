@@ -179,8 +179,15 @@ def test_the_record_key_is_private_and_made_once(mount_factory, tmp_path: Path,
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
     _web(second)
     assert (state / "records.key").read_bytes() == key
-    assert [p.name for p in state.iterdir()] == ["records.key"]  # no temporary left
     assert (second.host() / "domains/web/xml").read_text() == WEB.format(extra="")
+    # The test driver's objects live in the mounting process, so do their records: two
+    # mounts of test:///default are two hosts with the same UUIDs, and must not share them.
+    network = first.host() / "networks/default/xml"
+    document = network.read_text().replace("<network>", "<network>\n  <!-- first -->", 1)
+    write_file(network, document)
+    assert network.read_text() == document
+    assert (second.host() / "networks/default/xml").read_text() != document
+    assert [p.name for p in state.iterdir()] == ["records.key"]  # no temporary, no records
 
 
 def test_concurrent_record_writers_never_share_a_temporary_file(tmp_path: Path) -> None:
