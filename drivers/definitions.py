@@ -123,7 +123,6 @@ class Definitions:
 
     def __init__(self, state: statedir.StateDir) -> None:
         self.state = state
-        self._memory = statedir.MemoryRecords()
         # (id of the connection, its host's identity, where its records are kept)
         self._host_of: tuple[int, str, statedir.RecordStore] | None = None
 
@@ -133,9 +132,10 @@ class Definitions:
         if known is None or known[0] != id(conn):  # the first call, or a new connection
             caps = xmldocs.from_libvirt(conn.getCapabilities())
             host_id = caps.findtext("host/uuid") or conn.getURI()
-            # The test driver's objects live in this process, and another mount of
-            # test:///default is another host with the same UUIDs: its records live here too.
-            store = self._memory if conn.getType().lower() == "test" else self.state
+            # The test driver's objects live in this process (test:///default is one host
+            # for all its connections here), and another mount of test:///default is another
+            # host with the same UUIDs: its records live in this process too.
+            store = statedir.IN_PROCESS if conn.getType().lower() == "test" else self.state
             known = self._host_of = (id(conn), host_id, store)
         return known[1], known[2]
 

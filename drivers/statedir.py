@@ -249,3 +249,7 @@ class MemoryRecords:
             for record_key in list(self._records):
                 if record_key[:2] == (host, kind) and record_key[2].startswith(f"{scope}/"):
                     del self._records[record_key]
+
+
+# The records of every test driver host in this process (see MemoryRecords).
+IN_PROCESS = MemoryRecords()
