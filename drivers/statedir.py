@@ -33,6 +33,11 @@ ENVIRONMENT = "LIBVIRTFS_STATE_DIR"
 KEY_FILE = "records.key"
 KEY_BYTES = 32
 
+# A record this much older than a listing's start is still kept by `prune`: file times come
+# from a coarser clock than time.time(), and an object may be defined just as a listing
+# starts elsewhere.
+PRUNE_GRACE = 2.0
+
 
 def default_state_dir() -> Path:
     if os.environ.get(ENVIRONMENT):
@@ -196,7 +201,7 @@ class StateDir:
             if entry.name in keep or entry.name.startswith("."):
                 continue
             with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_mtime >= since:
+                if entry.stat(follow_symlinks=False).st_mtime >= since - PRUNE_GRACE:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)  # the volumes of a removed pool
@@ -233,7 +238,7 @@ class MemoryRecords:
         keep = set(present)
         with self._lock:
             for record_key, (_, stamp) in list(self._records.items()):
-                if record_key[:2] != (host, kind) or stamp >= since:
+                if record_key[:2] != (host, kind) or stamp >= since - PRUNE_GRACE:
                     continue
                 key = record_key[2]
                 if scope:
