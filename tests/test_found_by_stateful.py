@@ -7,6 +7,8 @@ the state machine keeps clear of that bug meanwhile, with a comment naming the t
 
 from __future__ import annotations
 
+import os
+
 from conftest import Mounted, sh
 
 
@@ -20,3 +22,11 @@ def test_a_control_word_written_before_the_xml_never_hides_control(demo: Mounted
     assert (domains / "web" / "control").read_text() == "start\nstart-paused\nwait\n"
     sh(f"echo start > {domains / 'web' / 'control'}")
     assert (domains / "web" / "state").read_text() == "running\n"
+
+
+def test_rm_rf_removes_a_pending_folder_whose_document_was_refused(demo: Mounted) -> None:
+    """A refused document left an empty `xml` that could not be unlinked, so `rm -rf`
+    kept a folder that exists only in this mount."""
+    domains = demo.host() / "domains"
+    sh(f"cd {domains} && mkdir web && (echo '<domain' > web/xml || true) && rm -rf web")
+    assert os.listdir(domains) == ["test"]
