@@ -27,7 +27,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import libvirt
@@ -136,6 +136,7 @@ class DomainTruth:
     state: str
     persistent: bool
     memory: int  # of the persistent definition, KiB
+    autostart: bool
     snapshots: tuple[tuple[str, SnapshotTruth], ...]
     current: str | None
 
@@ -159,7 +160,7 @@ def libvirt_truth(conn: libvirt.virConnect) -> dict[str, DomainTruth]:
         truth[folder] = DomainTruth(
             uuid=dom.UUIDString(), name=name, state=STATE_WORDS[dom.state(0)[0]],
             persistent=bool(dom.isPersistent()),
-            memory=int(definition.findtext("memory")),
+            memory=int(definition.findtext("memory")), autostart=bool(dom.autostart()),
             snapshots=tuple(sorted(snapshots)), current=current)
     return truth
 
@@ -455,7 +456,8 @@ class MountSession(RuleBasedStateMachine):
     # -- control words -----------------------------------------------------------------
 
     @step(folder=FOLDERS,
-          word=st.sampled_from([*STATE_AFTER, "frobnicate", "start now"]),
+          word=st.sampled_from([*STATE_AFTER, "frobnicate", "start now", "wait running 0",
+                                "wait shutoff 0", "wait asleep 0"]),
           writer=st.sampled_from(["echo", "python"]))
     def control(self, folder: str, word: str, writer: str) -> None:
         before = self.truth()
@@ -478,7 +480,12 @@ class MountSession(RuleBasedStateMachine):
             self.expect(got, errno.ENOENT, f"{word} > {folder}/control (no such folder)")
             return
         state = before[folder].state
-        if word not in STATE_AFTER:
+        if word.startswith("wait "):  # `wait STATE 0` tests the state (docs/writing.md)
+            wanted = word.split()[1]
+            self.expect(got, errno.EINVAL if wanted not in STATE_WORDS else
+                        0 if wanted == state else errno.ETIMEDOUT, f"{word} ({state})", path)
+            assert after == before
+        elif word not in STATE_AFTER:
             self.expect(got, errno.EINVAL, f"{word!r} > {folder}/control", path)
             assert after == before
         elif word not in VALID_WORDS[state]:
@@ -487,6 +494,25 @@ class MountSession(RuleBasedStateMachine):
         else:
             self.expect(got, 0, f"{word} > {folder}/control ({state})", path)
             assert after[folder].state == STATE_AFTER[word]
+
+    @step(folder=FOLDERS, value=st.sampled_from(["1", "0", "maybe"]))
+    def set_autostart(self, folder: str, value: str) -> None:
+        before = self.truth()
+        path = self.domains / folder / "autostart"
+        got = tool_errno(run("bash", "-c", f'echo {value} > "$1"', "-", path))
+        after = self.truth()
+        if folder not in before:
+            # A pending folder serves no autostart yet, and takes no file of that name.
+            self.expect(got, errno.EPERM if folder in self.pending else errno.ENOENT,
+                        f"echo {value} > {folder}/autostart")
+        elif value == "maybe":
+            self.expect(got, errno.EINVAL, f"echo maybe > {folder}/autostart", path)
+        else:
+            self.expect(got, 0, f"echo {value} > {folder}/autostart", path)
+            assert after == {**before,
+                             folder: replace(before[folder], autostart=value == "1")}
+            return
+        assert after == before
 
     # -- snapshots ---------------------------------------------------------------------
 
@@ -567,9 +593,12 @@ class MountSession(RuleBasedStateMachine):
             return
         self.expect(got, 0, f"{word} > {path}", path)
         reverted = after[folder]
-        expected = {"revert": domain.snapshot(name).state, "revert-running": "running",
-                    "revert-paused": "paused"}[word]
-        assert reverted.state == expected, (reverted.state, expected)
+        taken = domain.snapshot(name).state
+        expected = {"revert": {taken}, "revert-running": {"running"},
+                    "revert-paused": {"paused"}}[word]
+        if taken == "shutoff":
+            expected.add(taken)  # the test driver ignores running/paused for those
+        assert reverted.state in expected, (reverted.state, expected)
         assert reverted.current == name
 
     # -- renames -----------------------------------------------------------------------
@@ -607,8 +636,8 @@ class MountSession(RuleBasedStateMachine):
 
     # -- recursive deletes -------------------------------------------------------------
 
-    @step(folder=FOLDERS, tool=st.sampled_from(["rm -rf", "find -delete", "rmtree"]),
-          inner=st.booleans())
+    @step(folder=FOLDERS, inner=st.booleans(),
+          tool=st.sampled_from(["rm -rf", "find -delete", "rmtree", "rsync --delete"]))
     def delete_recursively(self, folder: str, tool: str, inner: bool) -> None:
         before = self.truth()
         target = self.domains / folder / "snapshots" if inner else self.domains / folder
@@ -616,23 +645,35 @@ class MountSession(RuleBasedStateMachine):
             run("rm", "-rf", target)
         elif tool == "find -delete":
             run("find", target, "-delete")
+        elif tool == "rsync --delete":  # empties the target, keeps (or makes) the folder
+            (self.workdir / "empty").mkdir(exist_ok=True)
+            run("rsync", "-a", "--delete", f"{self.workdir / 'empty'}/", f"{target}/")
+            if not inner and not self.exists(folder, before):
+                self.pending.add(folder)  # rsync made it, with mkdir
         else:
             shutil.rmtree(target, ignore_errors=True)
         after = self.truth()
         assert after == before, f"{tool} {target} removed libvirt objects"
         if folder in self.pending:
-            if not inner:  # a pending folder exists only in this mount: it goes
+            if inner:
+                pass
+            elif tool == "rsync --delete":  # emptied: nothing left but what is served
+                self.scratch.pop(folder, None)
+            else:  # a pending folder exists only in this mount: it goes
                 assert not os.path.lexists(self.domains / folder), f"{tool} {target}"
                 self.pending.discard(folder)
                 self.scratch.pop(folder, None)
             return
         if folder not in before:
             return
-        # It walked the domain's folder (its rmdir of snapshots/ is an rmdir inside it)
-        # and every snapshot's.
+        # It walked every snapshot's folder, and the domain's unless it only emptied
+        # snapshots/ (rm, find and rmtree end with an rmdir of the folder they were given).
         domain = before[folder]
+        walked = [(domain.uuid, name) for name, _ in domain.snapshots]
+        if not inner or tool != "rsync --delete":
+            walked.append((domain.uuid, None))
         now = time.monotonic()
-        for key in [(domain.uuid, None), *((domain.uuid, name) for name, _ in domain.snapshots)]:
+        for key in walked:
             when, refused = self.guards.get(key, (now, False))
             self.guards[key] = (now, refused if now - when < GUARD_SECONDS else False)
         with contextlib.suppress(OSError):
@@ -690,6 +731,8 @@ class MountSession(RuleBasedStateMachine):
             domain.name, domain.uuid, domain.state), f"{path}/info: {info}"
         assert info["persistent"] == ("yes" if domain.persistent else "no")
         assert (info["id"] == "-") == (domain.state == "shutoff"), info
+        assert info["autostart"] == ("yes" if domain.autostart else "no"), info
+        assert (path / "autostart").read_text() == ("1\n" if domain.autostart else "0\n")
         control = (path / "control").read_text().split()
         assert control == [*VALID_WORDS[domain.state], "wait"], f"{path}/control: {control}"
         document = etree.fromstring((path / "xml").read_bytes())
