@@ -329,3 +329,22 @@ def test_a_threaded_walker_is_one_program(web: Path) -> None:
     result = run(sys.executable, "-c", WALKER, web)
     assert result.stdout.strip() == f"[{errno.ENOTEMPTY}, {errno.ENOTEMPTY}]"
     still_there(web)
+
+
+def test_rmtree_removes_no_pool(volumes: Path) -> None:
+    pool = volumes.parent
+    sh(f"echo stop > {pool / 'control'}")  # an inactive pool: rmdir alone would undefine it
+    shutil.rmtree(pool, ignore_errors=True)
+    assert (pool / "state").read_text() == "inactive\n"
+    sh(f"echo start > {pool / 'control'}")
+    assert sorted(os.listdir(volumes)) == ["a.img", "b.img"]
+
+
+def test_snapshots_metadata_lets_rmdir_undefine_a_domain_with_snapshots(
+        web: Path, domains: Path) -> None:
+    os.mkdir(web / "snapshots" / "s1")
+    expect_errno(errno.ENOTEMPTY, os.rmdir, web)
+    assert "has snapshots" in user_error(domains)
+    run("setfattr", "-n", "user.undefine-flags", "-v", "snapshots-metadata", domains)
+    os.rmdir(web)
+    assert os.listdir(domains) == ["test"]
