@@ -1,0 +1,142 @@
+"""Nothing hangs: stalls end by themselves, one slow object is only slow itself, late
+outcomes are told, long handlers end at unmount, and bad timeouts are refused.
+
+Faults come from drivers/faults.py around the real test driver (LIBVIRTFS_FAULTS).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import Mounted, check_clean_exit, start_mount
+
+DOMAIN = "<domain type='test'><name>{}</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+CALLERS = [f"d{n:02d}" for n in range(16)]
+HOST_XML = "\n".join([
+    "<node>",
+    *(DOMAIN.format(name) for name in ["vm", "slow", *CALLERS]),
+    "<pool type='dir'><name>p</name><target><path>/hangs-p</path></target></pool>",
+    "</node>"])
+
+
+class Sick:
+    """A mount of one test:/// host whose faults a test writes into `rules`."""
+
+    def __init__(self, mounted: Mounted, rules: Path, uri: str) -> None:
+        self.mounted, self.rules, self.uri = mounted, rules, uri
+
+    def fault(self, rule: str) -> None:
+        self.rules.write_text(f"{self.uri} {rule}\n")
+
+    def heal(self) -> None:
+        self.rules.unlink(missing_ok=True)
+
+    def path(self, relative: str) -> Path:
+        return self.mounted.host("sick") / relative
+
+
+@pytest.fixture
+def sick_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    made: list[Sick] = []
+
+    def factory(options: str = "timeout=1,cache_timeout=0") -> Sick:
+        host_xml = tmp_path / "sick.xml"
+        host_xml.write_text(HOST_XML)
+        rules = tmp_path / "faults"
+        monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+        uri = f"test://{host_xml}"
+        mounted = start_mount(tmp_path / "mnt", f"sick={uri}", options=options,
+                              log=tmp_path / "log")
+        made.append(Sick(mounted, rules, uri))
+        return made[-1]
+
+    yield factory
+    for sick in made:
+        sick.heal()
+        check_clean_exit(sick.mounted)
+
+
+@pytest.fixture
+def sick(sick_factory) -> Sick:
+    return sick_factory()
+
+
+def read_errno(path: Path) -> int:
+    try:
+        path.read_text()
+    except OSError as e:
+        return e.errno or 0
+    return 0
+
+
+def until(check, timeout: float = 10.0):
+    """Retry `check` (failing with AssertionError or OSError) until it passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except (AssertionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def write_errno(path: Path, text: str) -> int:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        return e.errno or 0
+    return 0
+
+
+def test_a_stall_of_16_callers_ends_by_itself(sick_factory) -> None:
+    sick = sick_factory("timeout=1,cache_timeout=60")
+    controls = [sick.path(f"domains/{name}/control") for name in CALLERS]
+    for control in controls:
+        assert "suspend" in control.read_text()
+    sick.fault("delay 3")  # libvirtd stalls for longer than the timeout
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(write_errno, controls, ["suspend\n"] * 16))
+    assert results == [errno.ETIMEDOUT] * 16
+    sick.heal()
+    # No remount: once libvirtd answers again, so does the mount.
+    until(lambda: "<name>vm</name>" in sick.path("domains/vm/live.xml").read_text())
+    assert "answered again" in sick.mounted.log()
+
+
+def test_one_slow_domain_leaves_the_rest_of_the_host_answering(sick: Sick) -> None:
+    assert sick.path("domains/slow/state").read_text() == "running\n"
+    sick.fault("delay 4 slow")  # every call on domain `slow` is stuck, as a QEMU monitor
+    with ThreadPoolExecutor(16) as pool:
+        stuck = [pool.submit(read_errno, sick.path("domains/slow/info")) for _ in range(12)]
+        time.sleep(1.5)  # all of them have timed out once by now
+        started = time.monotonic()
+        for _ in range(10):
+            assert sick.path("domains/vm/state").read_text() == "running\n"
+            assert "vm" in os.listdir(sick.path("domains"))
+        assert time.monotonic() - started < 2
+        assert {f.result() for f in stuck} == {errno.ETIMEDOUT}
+    assert "is not answering" not in sick.mounted.log()
+
+
+def test_a_change_that_lands_after_its_timeout_is_logged_and_shown(sick_factory) -> None:
+    sick = sick_factory("timeout=1,cache_timeout=60")
+    state = sick.path("pools/p/state")
+    assert state.read_text() == "running\n"
+    sick.fault("delay 3")
+    started = time.monotonic()
+    with pytest.raises(OSError) as caught:
+        (sick.path("pools/p/control")).write_text("stop\n")
+    assert caught.value.errno == errno.ETIMEDOUT
+    assert time.monotonic() - started < 2.5
+    sick.heal()
+    # libvirt carries the abandoned call out later: the log says so, and the tree shows
+    # it although its renderings were cached for a minute.
+    until(lambda: state.read_text() == "inactive\n")
+    until(lambda: ("pool stop" in sick.mounted.log()
+                   and "succeeded after it had timed out" in sick.mounted.log()))
