@@ -1,9 +1,23 @@
-"""Running blocking libvirt calls off the trio loop, one limiter and one timeout per host.
+"""Running blocking libvirt calls off the trio loop, with a timeout and a liveness verdict
+per host.
 
-Every call goes through `Connection.call`: a worker thread (`trio.to_thread.run_sync`) under
-this host's own `CapacityLimiter`, bounded by `timeout` seconds.  A call that runs out is
-abandoned (its thread finishes on its own and keeps holding its limiter token, so a dead
-host can only exhaust its own limiter) and the caller gets ETIMEDOUT.
+Every call goes through `Connection.call`: a worker thread (`trio.to_thread.run_sync`),
+at most `max_threads` calls of one host at once, each bounded by `timeout` seconds.  A
+call that runs out is abandoned and the caller gets ETIMEDOUT; its thread finishes on its
+own, and what it did then is logged and makes the host's tree be read afresh (`on_late`):
+libvirt may well have carried the change out after all.
+
+One slow call says nothing about the host: a QEMU monitor stuck on one domain blocks only
+the calls on that domain.  So an abandoned call gives back its slot at once (its thread
+counts against a separate, bounded allowance), and whether the whole host is hung is
+decided by a cheap probe on the same connection (`getLibVersion`, answered by the daemon
+itself), run when a call times out.  Only while a probe goes unanswered do calls fail at
+once instead of each waiting out its timeout.
+
+A connection is taken as lost only when libvirt says so (`isAlive()`, the close
+callback), not on any RPC error: one oversized message fails alone.  A lost connection is
+closed, its event callbacks deregistered first, before the next one is opened; otherwise
+libvirtd keeps serving it, and its events, for as long as the mount lives.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import contextlib
 import errno
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,12 +40,22 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Errors after which the connection object is useless and must be opened again.
+# Errors after which the connection may be gone; `isAlive()` decides.
 _CONNECTION_GONE = {
     getattr(libvirt, name)
-    for name in ("VIR_ERR_NO_CONNECT", "VIR_ERR_INVALID_CONN", "VIR_ERR_RPC")
+    for name in ("VIR_ERR_NO_CONNECT", "VIR_ERR_INVALID_CONN", "VIR_ERR_RPC",
+                 "VIR_ERR_SYSTEM_ERROR")
     if hasattr(libvirt, name)
 }
+
+# Threads of abandoned calls one host may have at once (blocked on a socket, they cost
+# little); beyond it, calls fail at once rather than pile up threads without end.
+MAX_ABANDONED = 64
+# How long the liveness probe may take before the host counts as hung.
+PROBE_SECONDS = 5.0
+
+OnOpen = Callable[[libvirt.virConnect], None]
+OnClose = Callable[[libvirt.virConnect], None]
 
 
 class Connection:
@@ -41,36 +66,57 @@ class Connection:
         self.requested_uri = uri
         self.timeout = timeout
         self.read_only = read_only
+        # Calls running at once; an abandoned call leaves it, its thread stays counted in
+        # `_threads` until it returns.
         self.limiter = trio.CapacityLimiter(max_threads)
+        self._threads = trio.CapacityLimiter(max_threads + MAX_ABANDONED)
         self._conn: libvirt.virConnect | None = None
+        self._lost: list[libvirt.virConnect] = []
         self._open_lock = threading.Lock()
-        self._on_open: list[Callable[[libvirt.virConnect], None]] = []
+        self._on_open: list[tuple[OnOpen, OnClose | None]] = []
+        self._on_late: list[Callable[[str], None]] = []
         self.faults = faults.from_environment()
-        # Calls that ran out of time but whose threads still wait on libvirt.  While there
-        # are any, the host is taken as hung and new calls fail at once (ETIMEDOUT) instead
-        # of each waiting out its own timeout: `ls -l` of a dead host must not take minutes.
-        self._hung = 0
-        self._hung_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._abandoned = 0  # threads of abandoned calls still running
+        self._probing = False
+        # Set while a liveness probe has gone unanswered for PROBE_SECONDS: calls fail
+        # at once (`ls -l` of a dead host must not take one timeout per file).
+        self._hung_since: float | None = None
+
+    @property
+    def where(self) -> str:
+        return self.requested_uri or "the default URI"
 
     @property
     def connected(self) -> bool:
         """Whether a connection is open (as far as libvirt's close callback has said)."""
         return self._conn is not None
 
-    def on_open(self, callback: Callable[[libvirt.virConnect], None]) -> None:
+    @property
+    def hung(self) -> bool:
+        return self._hung_since is not None
+
+    def on_open(self, callback: OnOpen, on_close: OnClose | None = None) -> None:
         """Run `callback(conn)` (in the worker thread) each time the connection is (re)opened;
-        event registrations belong to one connection and must be made again after a loss."""
-        self._on_open.append(callback)
+        event registrations belong to one connection and must be made again after a loss.
+        `on_close(conn)` runs before that connection is closed, to undo them."""
+        self._on_open.append((callback, on_close))
+
+    def on_late(self, callback: Callable[[str], None]) -> None:
+        """Run `callback(description)` (in the worker thread) when an abandoned call returns:
+        what it did has not been reported to anyone."""
+        self._on_late.append(callback)
 
     # -- in worker threads -------------------------------------------------------------
 
     def _open(self) -> libvirt.virConnect:
         with self._open_lock:
             if self._conn is not None:
-                if self._conn.isAlive():
+                if _alive(self._conn):
                     return self._conn
-                log.warning("connection to %s was lost; reconnecting", self.requested_uri)
-                self._conn = None
+                log.warning("connection to %s was lost; reconnecting", self.where)
+                self._lose(self._conn)
+            self._close_lost()
             events.ensure_event_loop()
             uri = self.requested_uri
             try:
@@ -85,87 +131,194 @@ class Connection:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.registerCloseCallback(self._closed, None)
             self._conn = conn
-            for callback in self._on_open:
+            for callback, _ in self._on_open:
                 try:
                     callback(conn)
                 except libvirt.libvirtError as e:
-                    log.warning("%s: %s", uri, e.get_error_message())
+                    log.warning("%s: %s", self.where, e.get_error_message())
             return conn
 
     def _closed(self, conn: libvirt.virConnect, reason: int, opaque: object) -> None:
-        log.warning("connection to %s closed (reason %d)", self.requested_uri, reason)
-        with self._open_lock:
+        """libvirt's close callback (on its event thread): only mark the loss; closing
+        happens in a worker thread before the next connection is opened."""
+        log.warning("connection to %s closed (reason %d)", self.where, reason)
+        self._lose(conn)
+
+    def _lose(self, conn: libvirt.virConnect) -> None:
+        with self._state_lock:
             if self._conn is conn:
                 self._conn = None
+            if conn not in self._lost:
+                self._lost.append(conn)
+
+    def _close_lost(self) -> None:
+        """Close lost connections for good.  Their event callbacks hold references to
+        them: unless deregistered, the client library keeps the socket open and libvirtd
+        keeps sending events on it."""
+        with self._state_lock:
+            lost, self._lost = self._lost, []
+        for conn in lost:
+            self._close(conn)
+
+    def _close(self, conn: libvirt.virConnect) -> None:
+        for _, on_close in self._on_open:
+            if on_close is not None:
+                try:
+                    on_close(conn)
+                except libvirt.libvirtError as e:
+                    log.debug("%s: %s", self.where, e.get_error_message())
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         conn = self._open()
-        fault = self._inject(conn, fn) if self.faults is not None else None
+        target, fault = self._inject(conn, fn) if self.faults is not None else (conn, None)
         try:
-            result = fn(conn, *args)
+            result = fn(target, *args)
         except libvirt.libvirtError as e:
-            if e.get_error_code() in _CONNECTION_GONE:
-                with self._open_lock:
-                    if self._conn is conn:
-                        self._conn = None
+            # One failed message (too large, say) leaves the connection as good as it was.
+            if e.get_error_code() in _CONNECTION_GONE and not _alive(conn):
+                log.warning("connection to %s was lost: %s", self.where,
+                            e.get_error_message())
+                self._lose(conn)
+                self._close_lost()
             raise from_libvirt(e) from None
         faults.FaultRules.apply_stall(fault)
         return result
 
-    def _inject(self, conn: libvirt.virConnect, fn: Callable[..., Any]) -> faults.Fault | None:
+    def _inject(self, conn: libvirt.virConnect, fn: Callable[..., Any]
+                ) -> tuple[Any, faults.Fault | None]:
+        """Apply the fault rule for this host, if any; returns what the call talks to, and
+        the rule (a stall applies after the call)."""
         call = getattr(fn, "__qualname__", "")
         fault = self.faults.fault_for(self.requested_uri, call) if self.faults else None
         if fault is None:
-            return None
+            return conn, None
+        if fault.target is not None:
+            return faults.SlowObjects(conn, fault), None
         if fault.kind == "drop":
             # What libvirtd going away looks like from here: the close callback runs and
             # this connection is dead; the call at hand fails, the next one reconnects.
             self._closed(conn, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
-            conn.close()
+            self._close_lost()
         faults.FaultRules.apply_delay_or_error(fault)
-        return fault
+        return conn, fault
+
+    def _probe(self) -> None:
+        """Ask the daemon something cheap; if it does not answer within PROBE_SECONDS the
+        host is hung until it does (in a daemon thread of its own)."""
+        answered = threading.Event()
+
+        def ask() -> None:
+            try:
+                conn = self._open()
+                target, fault = (self._inject(conn, ask) if self.faults is not None
+                                 else (conn, None))
+                target.getLibVersion()
+                faults.FaultRules.apply_stall(fault)
+            except (libvirt.libvirtError, OSError) as e:
+                log.info("liveness probe of %s: %s", self.where, e)
+            finally:
+                answered.set()
+
+        try:
+            threading.Thread(target=ask, name="libvirtfs-probe", daemon=True).start()
+            if answered.wait(min(PROBE_SECONDS, self.timeout)):
+                return
+            with self._state_lock:
+                self._hung_since = time.monotonic()
+            log.warning("%s is not answering: a liveness probe got no answer within %g s; "
+                        "calls fail at once until it answers", self.where,
+                        min(PROBE_SECONDS, self.timeout))
+            answered.wait()
+            log.info("%s answered again", self.where)
+        finally:
+            with self._state_lock:
+                self._hung_since = None
+                self._probing = False
+
+    def _start_probe(self) -> None:
+        with self._state_lock:
+            if self._probing:
+                return
+            self._probing = True
+        threading.Thread(target=self._probe, name="libvirtfs-liveness", daemon=True).start()
+
+    def _report_late(self, what: str, error: BaseException | None, late_by: float) -> None:
+        if error is None:
+            log.warning("%s on %s succeeded after it had timed out (%.1f s late): the "
+                        "caller got ETIMEDOUT, the change was made", what, self.where, late_by)
+        else:
+            log.warning("%s on %s failed after it had timed out (%.1f s late): %s",
+                        what, self.where, late_by, error)
+        for callback in self._on_late:
+            try:
+                callback(what)
+            except Exception:
+                log.exception("reporting a late outcome")
 
     def close_now(self) -> None:
         """Close the connection (blocking; for shutdown)."""
         with self._open_lock:
             conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+            if conn is not None:
+                self._lost.append(conn)
+            self._close_lost()
 
     # -- on the trio loop --------------------------------------------------------------
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(conn, *args)` in a worker thread; DriverError on failure or timeout."""
-        where = self.requested_uri or "the default URI"
-        if self._hung:
-            raise DriverError(errno.ETIMEDOUT, f"{where} is not answering: {self._hung} "
-                                               f"libvirt call(s) still wait after "
-                                               f"{self.timeout:g} s")
-        call = _Call()
+    async def call(self, fn: Callable[..., T], *args: Any, what: str | None = None) -> T:
+        """`fn(conn, *args)` in a worker thread; DriverError on failure or timeout.  `what`
+        names the call in the log should it finish after its timeout."""
+        if self._hung_since is not None:
+            raise DriverError(errno.ETIMEDOUT, f"{self.where} is not answering: a liveness "
+                                               f"probe has waited "
+                                               f"{time.monotonic() - self._hung_since:.0f} s")
+        if self._abandoned >= MAX_ABANDONED:
+            raise DriverError(errno.ETIMEDOUT, f"{self._abandoned} libvirt calls to "
+                                               f"{self.where} still wait after "
+                                               f"{self.timeout:g} s; no more are started")
+        call = _Call(what or getattr(fn, "__qualname__", "a libvirt call"))
 
         def in_thread() -> T:
+            with self._state_lock:
+                if call.abandoned:
+                    raise _NeverRan  # given up before it began: nobody waits for it
+                call.started = True
+            error: BaseException | None = None
             try:
                 return self._run(fn, args)
+            except BaseException as e:
+                error = e
+                raise
             finally:
-                with self._hung_lock:
+                with self._state_lock:
                     call.done = True
-                    if call.abandoned:
-                        self._hung -= 1
-                        log.info("%s answered again", where)
+                    late = call.abandoned
+                    if late:
+                        self._abandoned -= 1
+                if late:
+                    self._report_late(call.what, error, time.monotonic() - call.deadline)
 
         try:
             with trio.fail_after(self.timeout):
-                return await trio.to_thread.run_sync(
-                    in_thread, limiter=self.limiter, abandon_on_cancel=True)
+                call.deadline = time.monotonic() + self.timeout
+                async with self.limiter:
+                    return await trio.to_thread.run_sync(
+                        in_thread, limiter=self._threads, abandon_on_cancel=True)
         except trio.TooSlowError:
-            with self._hung_lock:
-                if not call.done:
-                    call.abandoned = True
-                    self._hung += 1
+            with self._state_lock:
+                call.abandoned = True
+                running = call.started and not call.done
+                if running:
+                    self._abandoned += 1
+            if running:
+                self._start_probe()
             raise DriverError(errno.ETIMEDOUT,
-                              f"libvirt did not answer within {self.timeout:g} s ({where})"
-                              ) from None
+                              f"libvirt did not answer within {self.timeout:g} s "
+                              f"({self.where})") from None
 
     async def close(self) -> None:
         """Close at unmount; a hung host must not keep the process from exiting."""
@@ -173,11 +326,25 @@ class Connection:
             await trio.to_thread.run_sync(self.close_now, abandon_on_cancel=True)
 
 
+def _alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
+class _NeverRan(Exception):
+    pass
+
+
 class _Call:
-    """Whether one call's thread has finished, or was given up on."""
+    """One call's progress: started in a thread, finished, or given up on."""
 
-    __slots__ = ("abandoned", "done")
+    __slots__ = ("abandoned", "deadline", "done", "started", "what")
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.started = False
         self.done = False
         self.abandoned = False
+        self.deadline = 0.0

@@ -65,6 +65,8 @@ class EventForwarder:
     def __init__(self, token: trio.lowlevel.TrioToken, deliver: Callable[[Change], None]) -> None:
         self._token = token
         self._deliver = deliver
+        # Per connection: how to undo each registration made on it.
+        self._registered: dict[libvirt.virConnect, list[tuple[Callable[[int], None], int]]] = {}
 
     def _send(self, change: Change) -> None:
         with contextlib.suppress(trio.RunFinishedError):
@@ -75,25 +77,40 @@ class EventForwarder:
         the connection was down are lost, so a (re)open also says: everything may have
         changed."""
         self._send(Change("host", detail="connected"))
+        domain = (conn.domainEventRegisterAny, conn.domainEventDeregisterAny)
+        network = (conn.networkEventRegisterAny, conn.networkEventDeregisterAny)
+        pool = (conn.storagePoolEventRegisterAny, conn.storagePoolEventDeregisterAny)
         registrations = [
-            (conn.domainEventRegisterAny, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._domain),
-            (conn.domainEventRegisterAny, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._domain_plain),
-            (conn.networkEventRegisterAny, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE, self._network),
-            (conn.storagePoolEventRegisterAny, libvirt.VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE,
-             self._pool),
+            (domain, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._domain),
+            (domain, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._domain_plain),
+            (network, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE, self._network),
+            (pool, libvirt.VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE, self._pool),
         ]
         if hasattr(libvirt, "VIR_DOMAIN_EVENT_ID_METADATA_CHANGE"):
-            registrations.append((conn.domainEventRegisterAny,
-                                  libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+            registrations.append((domain, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
                                   self._domain_metadata))
         if hasattr(libvirt, "VIR_STORAGE_POOL_EVENT_ID_REFRESH"):
-            registrations.append((conn.storagePoolEventRegisterAny,
-                                  libvirt.VIR_STORAGE_POOL_EVENT_ID_REFRESH, self._pool_plain))
-        for register, event_id, callback in registrations:
+            registrations.append((pool, libvirt.VIR_STORAGE_POOL_EVENT_ID_REFRESH,
+                                  self._pool_plain))
+        made = self._registered.setdefault(conn, [])
+        for (register, deregister), event_id, callback in registrations:
             try:
-                register(None, event_id, callback, None)
+                made.append((deregister, register(None, event_id, callback, None)))
             except libvirt.libvirtError as e:
                 log.info("events not available (%s)", e.get_error_message())
+
+    def deregister(self, conn: libvirt.virConnect) -> None:
+        """Called before `conn` is closed: a callback still registered keeps the
+        connection, and libvirtd's client, alive."""
+        for deregister, callback_id in self._registered.pop(conn, []):
+            # On a dead connection the RPC fails, but the client library has dropped
+            # its own reference by then, which is what matters.
+            with contextlib.suppress(libvirt.libvirtError):
+                deregister(callback_id)
+
+    def late(self, what: str) -> None:
+        """An abandoned call finished after all: anything may have changed."""
+        self._send(Change("host", detail=f"late outcome of {what}"))
 
     def _domain(self, conn, dom, event, detail, opaque) -> None:
         self._send(Change("domain", dom.UUIDString(), f"{event}:{detail}"))

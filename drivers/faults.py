@@ -11,7 +11,9 @@ first word:
                                       answered, and what happens meanwhile is newer
 
 A last word limits a rule to the calls made by one method of drivers/host.py:
-`test:///tmp/host.xml stall 2 list_domains`.
+`test:///tmp/host.xml stall 2 list_domains`; or, as `on=NAME`, to the calls on the object
+named NAME (a domain, pool or network): `test:///tmp/host.xml delay 5 on=vm` is a QEMU
+monitor stuck on one domain, while the rest of the host answers.
     test:///tmp/host.xml drop         the connection is closed under the next call, as when
                                       libvirtd goes away (the close callback runs)
 
@@ -25,6 +27,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from libvirtfs.drivers.errors import DriverError
 
@@ -36,6 +39,7 @@ class Fault:
     kind: str  # delay, error, drop, stall
     value: float = 0.0
     call: str = ""  # only calls made by this method (its name in the caller's qualname)
+    target: str | None = None  # only calls on the object of this name
 
 
 class FaultRules:
@@ -63,7 +67,9 @@ class FaultRules:
                     value = float(words[2]) if len(words) > 2 else 0.0
                 except ValueError:
                     continue  # a rule being written, or a typo: no fault
-                if len(words) >= 2:
+                if len(words) > 3 and words[3].startswith("on="):
+                    rules[words[0]] = Fault(words[1], value, target=words[3][3:])
+                elif len(words) >= 2:
                     rules[words[0]] = Fault(words[1], value, *words[3:4])
         self._rules, self._stamp = rules, stamp
 
@@ -94,6 +100,51 @@ class FaultRules:
         """After the real call: hold its answer back."""
         if fault is not None and fault.kind == "stall":
             time.sleep(fault.value)
+
+
+# Lookups whose result is the object a targeted fault slows down.
+_LOOKUPS = {"lookupByUUIDString", "lookupByName", "lookupByUUID", "lookupByID",
+            "storagePoolLookupByUUIDString", "storagePoolLookupByName",
+            "networkLookupByUUIDString", "networkLookupByName"}
+_LISTINGS = {"listAllDomains", "listAllStoragePools", "listAllNetworks"}
+# Asking an object its identity is answered by the client library, never by the daemon.
+_IDENTITY = {"name", "UUIDString", "UUID"}
+
+
+class SlowObjects:
+    """The connection as calls see it while one object is stuck: every method of the object
+    named `fault.target` sleeps `fault.value` s first; everything else is untouched."""
+
+    def __init__(self, conn: Any, fault: Fault) -> None:
+        self._conn = conn
+        self._fault = fault
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._conn, name)
+        if name in _LOOKUPS:
+            return lambda *args: self._wrap(attr(*args))
+        if name in _LISTINGS:
+            return lambda *args: [self._wrap(obj) for obj in attr(*args)]
+        return attr
+
+    def _wrap(self, obj: Any) -> Any:
+        return _SlowObject(obj, self._fault.value) if obj.name() == self._fault.target else obj
+
+
+class _SlowObject:
+    def __init__(self, obj: Any, seconds: float) -> None:
+        self._obj = obj
+        self._seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._obj, name)
+        if name in _IDENTITY or not callable(attr):
+            return attr
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(self._seconds)
+            return attr(*args, **kwargs)
+        return slow
 
 
 def from_environment() -> FaultRules | None:

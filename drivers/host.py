@@ -261,7 +261,7 @@ class Host(SnapshotCalls):
     async def control(self, kind: str, key: Key, word: str) -> None:
         """Carry out one control word of nodes/words.py; the caller has checked it."""
         action = ACTIONS[kind][word]
-        await self.connection.call(action, key)
+        await self.connection.call(action, key, what=f"{kind} {word}")
 
     async def autostart(self, kind: str, key: Key) -> bool:
         return await self.connection.call(

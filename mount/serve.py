@@ -107,7 +107,8 @@ class Mount:
         async with trio.open_nursery() as nursery:
             for directory in (await self.host_directories()).values():
                 forwarder = EventForwarder(token, self._deliver_to(directory))
-                directory.host.connection.on_open(forwarder.register)
+                directory.host.connection.on_open(forwarder.register, forwarder.deregister)
+                directory.host.connection.on_late(forwarder.late)
                 # Already open: register on the live connection now.
                 await directory.host.connection.call(forwarder.register)
                 nursery.start_soon(directory.keep_listed)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import Mounted, check_clean_exit, start_mount
 
-DOMAIN = "<domain type='test'><name>{}</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+DOMAIN = ("<domain type='test'><name>{}</name><memory>65536</memory>"
+          "<os><type>hvm</type></os></domain>")
 CALLERS = [f"d{n:02d}" for n in range(16)]
 HOST_XML = "\n".join([
     "<node>",
@@ -79,7 +80,9 @@ def until(check, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return check()
+            result = check()
+            assert result is not False
+            return result
         except (AssertionError, OSError):
             if time.monotonic() > deadline:
                 raise
@@ -111,9 +114,10 @@ def test_a_stall_of_16_callers_ends_by_itself(sick_factory) -> None:
 
 def test_one_slow_domain_leaves_the_rest_of_the_host_answering(sick: Sick) -> None:
     assert sick.path("domains/slow/state").read_text() == "running\n"
-    sick.fault("delay 4 slow")  # every call on domain `slow` is stuck, as a QEMU monitor
+    sick.fault("delay 4 on=slow")  # every call on domain `slow` is stuck, as a QEMU monitor
     with ThreadPoolExecutor(16) as pool:
-        stuck = [pool.submit(read_errno, sick.path("domains/slow/info")) for _ in range(12)]
+        stuck = [pool.submit(read_errno, sick.path(f"domains/slow/{name}"))
+                 for name in ["state", "info", "xml", "live.xml", "control", "autostart"] * 2]
         time.sleep(1.5)  # all of them have timed out once by now
         started = time.monotonic()
         for _ in range(10):
@@ -126,13 +130,18 @@ def test_one_slow_domain_leaves_the_rest_of_the_host_answering(sick: Sick) -> No
 
 def test_a_change_that_lands_after_its_timeout_is_logged_and_shown(sick_factory) -> None:
     sick = sick_factory("timeout=1,cache_timeout=60")
-    state = sick.path("pools/p/state")
+    state, control = sick.path("pools/p/state"), sick.path("pools/p/control")
     assert state.read_text() == "running\n"
+    assert "stop" in control.read_text()
     sick.fault("delay 3")
     started = time.monotonic()
-    with pytest.raises(OSError) as caught:
-        (sick.path("pools/p/control")).write_text("stop\n")
-    assert caught.value.errno == errno.ETIMEDOUT
+    fd = os.open(control, os.O_WRONLY | os.O_TRUNC)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.write(fd, b"stop\n")  # echo stop > control
+        assert caught.value.errno == errno.ETIMEDOUT
+    finally:
+        os.close(fd)
     assert time.monotonic() - started < 2.5
     sick.heal()
     # libvirt carries the abandoned call out later: the log says so, and the tree shows

@@ -10,6 +10,7 @@ import trio
 
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.errors import DriverError
+from libvirtfs.drivers.faults import FaultRules
 from libvirtfs.drivers.host import Host
 from libvirtfs.nodes.base import Context, Directory, File, QueryFile
 from libvirtfs.nodes.handles import ContentHandle, DocumentHandle, WordHandle
@@ -90,17 +91,32 @@ async def test_gone_object_gives_enoent(testhost: Host) -> None:
     assert "not found" in caught.value.strerror
 
 
-async def test_slow_call_times_out_and_the_host_counts_as_hung(testhost: Host) -> None:
+async def test_slow_call_times_out_and_the_host_answers_other_calls(testhost: Host) -> None:
     testhost.connection.timeout = 0.2
     with pytest.raises(DriverError) as caught:
         await testhost.connection.call(lambda conn: __import__("time").sleep(1))
     assert caught.value.errno == errno.ETIMEDOUT
-    # While the abandoned call still waits, the host fails fast instead of hanging again.
+    # One slow call says nothing about the host: the liveness probe answers.
+    with trio.fail_after(1):
+        assert await testhost.uri()
+
+
+async def test_a_host_whose_probe_goes_unanswered_fails_fast_until_it_answers(
+        testhost: Host, tmp_path) -> None:
+    rules = tmp_path / "faults"
+    rules.write_text(f"{testhost.connection.requested_uri} delay 1\n")
+    testhost.connection.faults = FaultRules(str(rules))
+    testhost.connection.timeout = 0.2
+    with pytest.raises(DriverError) as caught:
+        await testhost.uri()
+    assert caught.value.errno == errno.ETIMEDOUT
+    await trio.sleep(0.3)  # the probe has waited its 0.2 s
     with trio.fail_after(0.1), pytest.raises(DriverError) as caught:
         await testhost.uri()
     assert caught.value.errno == errno.ETIMEDOUT
     assert "is not answering" in caught.value.strerror
-    await trio.sleep(1)  # the slow call returns: the host answers again
+    rules.unlink()
+    await trio.sleep(1.5)  # the probe returns: the host answers again
     with trio.fail_after(1):
         assert await testhost.uri()
 
