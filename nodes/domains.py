@@ -20,6 +20,8 @@ from libvirtfs.nodes.words import (
 )
 
 DEFAULT_WAIT_SECONDS = 60.0
+# A writer waits inside write(), where no signal reaches it: keep that bounded.
+MAX_WAIT_SECONDS = 3600.0
 WAIT_POLL_SECONDS = 0.1
 
 
@@ -123,8 +125,9 @@ class DomainDirectory(ObjectDirectory):
             seconds = float(arguments[1]) if len(arguments) == 2 else DEFAULT_WAIT_SECONDS
         except ValueError:
             seconds = math.nan
-        if not seconds >= 0:
-            raise fs_error(errno.EINVAL, f"wait: {arguments[1]!r} is not a number of seconds")
+        if not 0 <= seconds <= MAX_WAIT_SECONDS:  # also refuses nan and inf
+            raise fs_error(errno.EINVAL, f"wait: {arguments[1]!r} is not a number of seconds "
+                                         f"from 0 to {MAX_WAIT_SECONDS:g}")
         deadline = trio.current_time() + seconds
         while await self.state() != target:
             if trio.current_time() >= deadline:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, check_clean_exit, start_mount
+from conftest import Mounted, check_clean_exit, run, sh, start_mount, user_error
+
+LIBVIRTFS = [sys.executable, "-m", "libvirtfs.mount.cli"]
 
 DOMAIN = ("<domain type='test'><name>{}</name><memory>65536</memory>"
           "<os><type>hvm</type></os></domain>")
@@ -149,3 +153,81 @@ def test_a_change_that_lands_after_its_timeout_is_logged_and_shown(sick_factory)
     until(lambda: state.read_text() == "inactive\n")
     until(lambda: ("pool stop" in sick.mounted.log()
                    and "succeeded after it had timed out" in sick.mounted.log()))
+
+
+# -- wait's seconds ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "-1", "3601", "1e9", "-inf"])
+def test_wait_refuses_unbounded_or_negative_seconds(demo: Mounted, seconds: str) -> None:
+    control = demo.host() / "domains/test/control"
+    started = time.monotonic()
+    result = sh(f"echo 'wait shutoff {seconds}' > {control}", check=False)
+    assert result.returncode != 0
+    assert "Invalid argument" in result.stderr
+    assert time.monotonic() - started < 5
+    message = user_error(control)
+    assert seconds in message and "3600" in message
+
+
+# -- -o timeout= and cache_timeout= -----------------------------------------------------
+
+
+@pytest.mark.parametrize("option", [
+    "timeout=nan", "timeout=inf", "timeout=0", "timeout=-1", "timeout=86401",
+    "cache_timeout=nan", "cache_timeout=inf", "cache_timeout=-1", "cache_timeout=86401"])
+def test_bad_timeouts_are_option_errors(tmp_path: Path, option: str) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = run(*LIBVIRTFS, "-f", "test:///default", mnt, "-o", option, check=False,
+                 timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert option.split("=")[0] in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.ismount(mnt)
+
+
+# -- the background process -------------------------------------------------------------
+
+
+def background_pid(mnt: Path) -> int:
+    found = sh(f"pgrep -f 'libvirtfs.mount.cli.* {mnt} '", check=False).stdout.split()
+    assert len(found) == 1, found
+    return int(found[0])
+
+
+def test_background_process_leaves_the_working_folder(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = run(*LIBVIRTFS, "test:///default", "mnt", cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr
+    try:
+        # Started from tmp_path with a relative mount point; it holds no folder busy.
+        assert os.readlink(f"/proc/{background_pid(mnt)}/cwd") == "/"
+        assert (mnt / "hosts/test/domains/test/state").read_text() == "running\n"
+    finally:
+        assert run("fusermount3", "-u", mnt, check=False).returncode == 0
+
+
+def test_background_mount_failure_tells_its_reason(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # The kernel refuses this block size; libfuse says why on the child's stderr.
+    result = run(*LIBVIRTFS, "test:///default", mnt, "-o", "blksize=7", check=False,
+                 timeout=20)
+    assert result.returncode != 0
+    assert f"cannot mount at {mnt}" in result.stderr
+    assert "Invalid argument" in result.stderr
+    assert not os.path.ismount(mnt)
+
+
+# -- thread dumps -----------------------------------------------------------------------
+
+
+def test_sigusr1_dumps_every_thread_into_the_log(demo: Mounted) -> None:
+    assert (demo.host() / "domains/test/state").read_text() == "running\n"
+    demo.process.send_signal(signal.SIGUSR1)
+    until(lambda: "libvirt-events" in demo.log() or "Thread 0x" in demo.log())
+    assert "File " in demo.log()
+    # The mount carries on.
+    assert (demo.host() / "domains/test/state").read_text() == "running\n"
+    assert demo.process.poll() is None
