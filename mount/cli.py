@@ -2,17 +2,23 @@
 
 Goes to the background only once the mount is ready, so a script can use it on the next
 line: the command starts a copy of itself in the foreground, in a new session, and waits
-for it to say "ready" (or why not) through a pipe.
+for it to say "ready" (or why not) through a pipe.  Until then the copy's standard error
+goes to a file the command reads, so that what libfuse or Python print on a failure
+reaches the user too.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import logging.handlers
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+from typing import IO
 
 import trio
 
@@ -23,6 +29,9 @@ from libvirtfs.mount.serve import StartupError, parse_host, serve
 log = logging.getLogger("libvirtfs")
 
 READY = b"ready\n"
+
+# Where `kill -USR1` writes the stacks of every thread; kept open for the process's life.
+_dump_file: IO[str] | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +81,20 @@ def setup_logging(args: argparse.Namespace, background: bool) -> None:
     root.setLevel(level)
     if not args.debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+    enable_thread_dumps(handler)
+
+
+def enable_thread_dumps(handler: logging.Handler) -> None:
+    """`kill -USR1 PID` writes every thread's stack into the log (as s3ql does): where a
+    stuck mount waits, without stopping it.  With syslog, into the state folder's log."""
+    global _dump_file
+    if isinstance(handler, logging.StreamHandler) and hasattr(handler.stream, "fileno"):
+        _dump_file = handler.stream
+    else:
+        path = private_folder(default_state_dir()) / "libvirtfs.log"
+        _dump_file = open(path, "a")  # noqa: SIM115 - open for the life of the process
+        os.chmod(path, 0o600)
+    faulthandler.register(signal.SIGUSR1, file=_dump_file, all_threads=True, chain=False)
 
 
 def _background(argv: list[str]) -> int:
@@ -79,20 +102,26 @@ def _background(argv: list[str]) -> int:
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "libvirtfs.mount.cli", *argv, "-f",
                "--ready-fd", str(write_end)]
-    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
+    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out, \
+            tempfile.TemporaryFile() as errors:
         child = subprocess.Popen(command, stdin=devnull_in, stdout=devnull_out,
-                                 stderr=devnull_out, pass_fds=(write_end,),
+                                 stderr=errors, pass_fds=(write_end,),
                                  start_new_session=True)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.read()
-    if message == READY:
-        return 0
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read()
+        if message == READY:
+            return 0
+        code = child.wait()
+        errors.seek(0)
+        printed = errors.read().decode(errors="replace").splitlines()
     text = message.decode(errors="replace").strip()
     if not text:
-        code = child.wait()
         text = f"the filesystem process exited with status {code} before the mount was ready"
     print(f"libvirtfs: {text}", file=sys.stderr)
+    for line in printed[-20:]:  # libfuse's reason ("fuse: mount failed: ..."), a traceback
+        if line.strip() and line.strip() not in text:
+            print(line, file=sys.stderr)
     return 1
 
 
@@ -112,15 +141,24 @@ def main(argv: list[str] | None = None) -> int:
         return _background(argv)
 
     ready_pipe = os.fdopen(args.ready_fd, "wb") if args.ready_fd is not None else None
+    mountpoint = os.path.abspath(mountpoint)
+    if args.log_file:
+        args.log_file = os.path.abspath(args.log_file)
+    if ready_pipe is not None:
+        os.chdir("/")  # a daemon keeps no folder busy (the one it was started from)
     setup_logging(args, background=ready_pipe is not None)
 
     def ready() -> None:
         if ready_pipe is not None:
             ready_pipe.write(READY)
             ready_pipe.close()
+            # The command has stopped reading what we print: from now on, the log only.
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), sys.stdout.fileno())
+                os.dup2(devnull.fileno(), sys.stderr.fileno())
 
     try:
-        trio.run(serve, specs, os.path.abspath(mountpoint), options, ready)
+        trio.run(serve, specs, mountpoint, options, ready)
     except StartupError as e:
         if ready_pipe is not None and not ready_pipe.closed:
             log.error("%s", e)

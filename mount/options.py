@@ -8,6 +8,7 @@ clear error rather than a silently ignored typo.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Passed to libfuse as they are.
@@ -23,6 +24,9 @@ FUSE_VALUES = {"fsname", "subtype", "max_read", "blksize", "context", "fscontext
 IGNORED_FLAGS = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
                  "_netdev", "nofail", "lazytime", "nolazytime", "silent", "loud"}
 IGNORED_PREFIXES = ("x-", "comment=", "X-")
+# Longest timeout or cache time accepted: a day.  Beyond it a value is a typo, and inf or
+# nan would make a libvirt call unbounded.
+MAX_SECONDS = 86400.0
 
 
 class OptionError(ValueError):
@@ -45,13 +49,8 @@ class MountOptions:
     def _add_one(self, option: str) -> None:
         key, has_value, value = option.partition("=")
         if key in ("timeout", "cache_timeout"):
-            try:
-                number = float(value)
-            except ValueError:
-                number = -1.0
-            if not has_value or (number <= 0 and key == "timeout") or number < 0:
-                raise OptionError(f"option {key} needs a number of seconds, got {value!r}")
-            setattr(self, key, number)
+            setattr(self, key, _seconds(key, value if has_value else None,
+                                        zero_ok=key == "cache_timeout"))
             return
         if option in ("ro", "rw"):
             self.read_only = option == "ro"
@@ -68,3 +67,15 @@ class MountOptions:
         if option in IGNORED_FLAGS or option.startswith(IGNORED_PREFIXES):
             return
         raise OptionError(f"unknown mount option {option!r}")
+
+
+def _seconds(key: str, value: str | None, *, zero_ok: bool) -> float:
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        number = math.nan
+    low = "0" if zero_ok else "more than 0"
+    if not (0 <= number <= MAX_SECONDS) or (number == 0 and not zero_ok):  # nan, inf too
+        raise OptionError(f"option {key} needs a number of seconds from {low} to "
+                          f"{MAX_SECONDS:g}, got {value!r}")
+    return number

@@ -189,20 +189,17 @@ def test_bad_timeouts_are_option_errors(tmp_path: Path, option: str) -> None:
 # -- the background process -------------------------------------------------------------
 
 
-def background_pid(mnt: Path) -> int:
-    found = sh(f"pgrep -f 'libvirtfs.mount.cli.* {mnt} '", check=False).stdout.split()
-    assert len(found) == 1, found
-    return int(found[0])
-
-
 def test_background_process_leaves_the_working_folder(tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
+    mnt = tmp_path / "hangs-cwd-mnt"
     mnt.mkdir()
-    result = run(*LIBVIRTFS, "test:///default", "mnt", cwd=tmp_path, check=False)
+    result = run(*LIBVIRTFS, "test:///default", mnt.name, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     try:
         # Started from tmp_path with a relative mount point; it holds no folder busy.
-        assert os.readlink(f"/proc/{background_pid(mnt)}/cwd") == "/"
+        found = sh(f"pgrep -f 'libvirtfs.mount.cli test:///default {mnt.name} -f'",
+                   check=False).stdout.split()
+        assert len(found) == 1, found
+        assert os.readlink(f"/proc/{found[0]}/cwd") == "/"
         assert (mnt / "hosts/test/domains/test/state").read_text() == "running\n"
     finally:
         assert run("fusermount3", "-u", mnt, check=False).returncode == 0
