@@ -82,6 +82,8 @@ class Connection:
         # Set while a liveness probe has gone unanswered for PROBE_SECONDS: calls fail
         # at once (`ls -l` of a dead host must not take one timeout per file).
         self._hung_since: float | None = None
+        self._in_flight: set[trio.CancelScope] = set()
+        self._token: trio.lowlevel.TrioToken | None = None
 
     @property
     def where(self) -> str:
@@ -229,6 +231,9 @@ class Connection:
                 return
             with self._state_lock:
                 self._hung_since = time.monotonic()
+            if self._token is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(self._give_up_in_flight)
             log.warning("%s is not answering: a liveness probe got no answer within %g s; "
                         "calls fail at once until it answers", self.where,
                         min(PROBE_SECONDS, self.timeout))
@@ -302,23 +307,45 @@ class Connection:
                 if late:
                     self._report_late(call.what, error, time.monotonic() - call.deadline)
 
+        self._token = trio.lowlevel.current_trio_token()
+        call.deadline = time.monotonic() + self.timeout
+        scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
+        self._in_flight.add(scope)
         try:
-            with trio.fail_after(self.timeout):
-                call.deadline = time.monotonic() + self.timeout
+            with scope:
                 async with self.limiter:
                     return await trio.to_thread.run_sync(
                         in_thread, limiter=self._threads, abandon_on_cancel=True)
-        except trio.TooSlowError:
-            with self._state_lock:
-                call.abandoned = True
-                running = call.started and not call.done
-                if running:
-                    self._abandoned += 1
+        except BaseException:  # cancelled from outside (unmount): abandoned all the same
+            self._abandon(call)
+            raise
+        finally:
+            self._in_flight.discard(scope)
+        # Out of time, or the host was found hung while this call waited.
+        if self._abandon(call) and self._hung_since is None:
+            self._start_probe()
+        if self._hung_since is not None:
+            raise DriverError(errno.ETIMEDOUT, f"{self.where} is not answering: a liveness "
+                                               f"probe got no answer either")
+        raise DriverError(errno.ETIMEDOUT, f"libvirt did not answer within {self.timeout:g} s "
+                                           f"({self.where})")
+
+    def _abandon(self, call: _Call) -> bool:
+        """Nobody waits for `call` any more; True if its thread is still in libvirt."""
+        with self._state_lock:
+            if call.abandoned:
+                return False
+            call.abandoned = True
+            running = call.started and not call.done
             if running:
-                self._start_probe()
-            raise DriverError(errno.ETIMEDOUT,
-                              f"libvirt did not answer within {self.timeout:g} s "
-                              f"({self.where})") from None
+                self._abandoned += 1
+            return running
+
+    def _give_up_in_flight(self) -> None:
+        """(On the trio loop.)  The host is hung: calls waiting on it give up now rather
+        than each at its own timeout."""
+        for scope in list(self._in_flight):
+            scope.cancel()
 
     async def close(self) -> None:
         """Close at unmount; a hung host must not keep the process from exiting."""
