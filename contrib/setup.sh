@@ -9,6 +9,7 @@ PACKAGES=(
     fuse3 libfuse3-dev pkg-config libvirt-dev gcc  # build pyfuse3 and libvirt-python
     libvirt-clients                                # virsh, which the tests compare against
     attr acl vim tar                               # getfattr/setfattr, setfacl, vim, tar: tools the tests drive
+    rsync nodejs                                   # recursive deletes and restores the tests try
 )
 
 missing=()
