@@ -66,10 +66,9 @@ class HostDirectory(StaticDirectory):
             changed = collection.known(change.uuid)
             if changed is not None:
                 touched.extend(changed.walk_known())
-                # A pool's refresh changes its volumes/ listing.
-                collections.extend(node for node in changed.walk_known()
-                                   if node.parent is changed and isinstance(node, Directory)
-                                   and change.kind == "pool")
+                if change.kind == "pool":  # a refresh (or a start) changes its volumes/
+                    collections.extend(node for node in changed.walk_known()
+                                       if isinstance(node, Directory) and node.parent is changed)
         for node in touched:
             node.invalidate()
             self.ctx.changed(node)
@@ -92,6 +91,8 @@ class HostDirectory(StaticDirectory):
                     await collection.children(refresh=True)
                 except OSError as e:
                     log.debug("listing %s after an event: %s", collection.path, e)
+                except Exception:  # a bug here must not end the mount's event handling
+                    log.exception("listing %s after an event", collection.path)
 
 
 class HostsDirectory(StaticDirectory):

@@ -70,7 +70,8 @@ class KernelCache(Generic[N]):
                 continue  # the kernel holds nothing of it
             if item.deleted and self._inodes.known(item.deleted) is None:
                 item = item._replace(deleted=0)
-            await trio.to_thread.run_sync(_tell, item)
+            # Abandoned at unmount: an invalidation may wait for a request nobody serves.
+            await trio.to_thread.run_sync(_tell, item, abandon_on_cancel=True)
 
 
 def _tell(item: _Forget) -> None:
