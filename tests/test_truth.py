@@ -186,6 +186,67 @@ def test_an_event_storm_drops_no_invalidation() -> None:
     assert cache.pending() == 50_001
 
 
+# -- changes made elsewhere: another host folder on the same test:///default ----------
+
+@pytest.fixture
+def elsewhere(mount_factory):
+    """(mine, theirs): domains/ of two host folders of one mount, two connections to the
+    one test:///default of the mount process; an hour-long cache, so only libvirt's
+    events and what libvirtfs makes of them can tell `mine` about changes in `theirs`."""
+    mounted = mount_factory("test:///default", "other=test:///default",
+                            options="cache_timeout=3600")
+    return mounted.host("test") / "domains", mounted.host("other") / "domains"
+
+
+def test_a_domain_defined_anew_elsewhere_shows_whole(elsewhere) -> None:
+    mine, theirs = elsewhere
+    (theirs / "web").mkdir()
+    write_file(theirs / "web/xml", VM.format(name="web"))
+    folder = mine / "web"
+    eventually(lambda: _assert(folder.exists()))
+    full = ["autostart", "control", "info", "live.xml", "snapshots", "state", "xml"]
+    assert sorted(os.listdir(folder)) == full
+    assert (folder / "state").read_text() == "shutoff\n"
+    assert "start" in (folder / "control").read_text()
+    os.rmdir(theirs / "web")  # undefine...
+    (theirs / "web").mkdir()  # ...and define again: a new UUID, the same name
+    write_file(theirs / "web/xml", VM.format(name="web"))
+    new_uuid = info(theirs / "web/info")["uuid"]
+    for _ in range(2):  # at once, and once libvirt's events have arrived
+        assert sorted(os.listdir(folder)) == full
+        assert (folder / "state").read_text() == "shutoff\n"
+        assert info(folder / "info")["uuid"] == new_uuid
+        time.sleep(0.5)
+    sh(f"echo start > {folder}/control")
+    assert (folder / "state").read_text() == "running\n"
+    assert info(folder / "info")["state"] == "running"
+
+
+def test_a_domain_removed_elsewhere_leaves_no_ghost(elsewhere) -> None:
+    mine, theirs = elsewhere
+    (theirs / "web").mkdir()
+    write_file(theirs / "web/xml", VM.format(name="web"))
+    eventually(lambda: _assert((mine / "web").exists()))
+    held = os.open(mine / "web", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert "state" in os.listdir(held)
+        os.rmdir(theirs / "web")
+        eventually(lambda: _assert(not (mine / "web").exists()))
+        assert "web" not in os.listdir(mine)
+        expect_errno(errno.ENOENT, os.listdir, held)
+    finally:
+        os.close(held)
+
+
+def test_a_name_probed_then_defined_elsewhere_appears(elsewhere) -> None:
+    mine, theirs = elsewhere
+    expect_errno(errno.ENOENT, os.stat, mine / "web")  # remembered as missing...
+    (theirs / "web").mkdir()
+    write_file(theirs / "web/xml", VM.format(name="web"))
+    eventually(lambda: _assert((mine / "web").exists()))  # ...until the event says otherwise
+    assert (mine / "web/state").read_text() == "shutoff\n"
+
+
 # -- changes made elsewhere (virsh on the real libvirtd) -------------------------------
 
 GUEST = """<domain type='qemu'>
