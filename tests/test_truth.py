@@ -169,6 +169,70 @@ def test_a_missing_name_is_looked_up_once(mount_factory) -> None:
     assert os.listdir(domains / "nothere") == []
 
 
+# -- generations, without a mount -----------------------------------------------------
+
+async def test_a_render_overtaken_by_a_change_is_returned_but_not_kept() -> None:
+    import trio
+
+    from libvirtfs.nodes.base import Context, QueryFile
+
+    truth, asked = [b"paused\n"], trio.Event()
+    release = trio.Event()
+
+    async def render() -> bytes:
+        answer = truth[0]
+        asked.set()
+        await release.wait()  # libvirt answered; the answer is on its way
+        return answer
+
+    state = QueryFile(Context(cache_timeout=3600), render)
+    async with trio.open_nursery() as nursery:
+        results: list[bytes] = []
+
+        async def read() -> None:
+            results.append(await state.content())
+
+        nursery.start_soon(read)
+        await asked.wait()
+        truth[0] = b"running\n"
+        state.invalidate()  # a control word changed it meanwhile
+        release.set()
+    assert results == [b"paused\n"]
+    assert await state.content() == b"running\n"
+
+
+async def test_a_listing_overtaken_by_a_change_drops_nothing_and_lists_again() -> None:
+    import trio
+
+    from libvirtfs.nodes.base import Context, Directory, Entry, File
+
+    ctx = Context(cache_timeout=3600)
+    listed = [["vm"]]
+    scans = 0
+
+    class Folder(Directory):
+        async def scan(self) -> list[Entry]:
+            nonlocal scans
+            scans += 1
+            names = list(listed[0])
+            await trio.sleep(0.1)
+            return [Entry(name, name, lambda: File(ctx)) for name in names]
+
+    folder = Folder(ctx)
+    await folder.children()
+    vm = folder.known("vm")
+    listed[0] = ["vm", "new"]
+    folder.invalidate()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(folder.children)
+        await trio.sleep(0.05)
+        listed[0] = ["vm", "new", "newer"]
+        folder.invalidate()  # defined meanwhile
+    assert sorted(await folder.children()) == ["new", "newer", "vm"]
+    assert folder.known("vm") is vm
+    assert scans == 3  # the overtaken listing was listed again, once
+
+
 # -- the kernel's invalidation queue ---------------------------------------------------
 
 def test_an_event_storm_drops_no_invalidation() -> None:
