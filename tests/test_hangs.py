@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -228,3 +229,76 @@ def test_sigusr1_dumps_every_thread_into_the_log(demo: Mounted) -> None:
     # The mount carries on.
     assert (demo.host() / "domains/test/state").read_text() == "running\n"
     assert demo.process.poll() is None
+
+
+# -- a pending wait and the other words of the same domain ------------------------------
+
+
+def test_a_pending_wait_does_not_hold_up_another_shells_destroy(demo: Mounted) -> None:
+    control = demo.host() / "domains/test/control"
+    waiting = subprocess.Popen(["bash", "-c", f"echo 'wait shutoff 20' > {control}"],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert waiting.poll() is None  # it waits
+        started = time.monotonic()
+        sh(f"echo destroy > {control}", timeout=30)
+        assert time.monotonic() - started < 1.0
+        assert waiting.wait(timeout=5) == 0, waiting.stderr.read()  # and then it is over
+    finally:
+        waiting.kill()
+        waiting.wait()
+    assert (demo.host() / "domains/test/state").read_text() == "shutoff\n"
+    # One program still sees one file: cp and install stat a name, then open it.
+    assert os.stat(control).st_ino == os.stat(control).st_ino
+    sh(f"ino=$(stat -c %i {control}); exec 3>{control}; "
+       f"[ $(stat -L -c %i /proc/self/fd/3) = $ino ] && [ $(stat -c %i {control}) = $ino ]")
+
+
+# -- unmounting ends long handlers ------------------------------------------------------
+
+
+@pytest.fixture
+def waiter(demo: Mounted):
+    """A shell running `echo 'wait shutoff 3000' > control`, and a way to stop it."""
+    control = demo.host() / "domains/test/control"
+    waiting = subprocess.Popen(["bash", "-c", f"echo 'wait shutoff 3000' > {control}"],
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert waiting.poll() is None
+    yield waiting
+    if waiting.poll() is None:
+        # The test failed: leave no unkillable shell behind.
+        demo.process.kill()
+        run("fusermount3", "-u", "-z", demo.path, check=False)
+    waiting.kill()
+    waiting.wait()
+
+
+def test_sigterm_ends_a_pending_wait_with_an_error(demo: Mounted, waiter) -> None:
+    started = time.monotonic()
+    demo.process.send_signal(signal.SIGTERM)
+    assert waiter.wait(timeout=10) != 0
+    assert "Operation canceled" in waiter.stderr.read()
+    assert demo.process.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert not os.path.ismount(demo.path)
+    assert "Traceback" not in demo.log()
+
+
+def test_lazy_unmount_ends_a_pending_wait(demo: Mounted, waiter) -> None:
+    started = time.monotonic()
+    run("fusermount3", "-u", "-z", demo.path)
+    assert waiter.wait(timeout=10) != 0
+    assert "Operation canceled" in waiter.stderr.read()
+    assert demo.process.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_a_killed_writer_dies_at_once(demo: Mounted, waiter) -> None:
+    started = time.monotonic()
+    waiter.kill()  # kill -9 of the shell doing the wait
+    waiter.wait(timeout=10)
+    assert time.monotonic() - started < 3
+    # The mount carries on.
+    assert (demo.host() / "domains/test/state").read_text() == "running\n"
