@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from libvirtfs.vfs.operations import Operations
 log = logging.getLogger(__name__)
 
 RECONNECT_SECONDS = 5.0
+UNMOUNT_POLL_SECONDS = 0.5
 
 
 class StartupError(Exception):
@@ -91,6 +93,7 @@ class Mount:
         self.ctx = Context(cache_timeout=options.cache_timeout, read_only=options.read_only,
                            uid=os.getuid(), gid=os.getgid())
         self.root = RootDirectory(self.ctx, hosts)
+        self.detached = False  # unmounted lazily (fusermount3 -u -z) while serving
         self.operations = Operations(self.root, self.ctx)  # tells the kernel what changed
         self._send, self._changes = trio.open_memory_channel[tuple[HostDirectory, Change]](1000)
 
@@ -134,12 +137,51 @@ class Mount:
                     await host.open()
 
 
-async def _stop_on_signals() -> None:
+def _stop(operations: Operations) -> None:
+    """End every request in progress (each caller gets ECANCELED: a `wait` must not keep
+    the process, or its caller, for up to an hour), then the FUSE main loop."""
+    ended = operations.pending.end_all()
+    if ended:
+        log.info("ended %d request(s) in progress", ended)
+    pyfuse3.terminate()
+
+
+async def _stop_on_signals(operations: Operations) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s, unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            _stop(operations)
             return
+
+
+def _mount_id(mountpoint: str) -> str | None:
+    """Our mount's id in /proc/self/mountinfo (the last mount at `mountpoint`)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            path = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if path == mountpoint:
+                found = fields[0]
+    return found
+
+
+async def _stop_when_detached(mountpoint: str, mount: Mount) -> None:
+    """`fusermount3 -u -z` (or `umount -l`) detaches the mount at once, but the kernel
+    keeps talking to us while a file is open, and a writer inside a `wait` keeps its file
+    open: notice the detach, and end the requests."""
+    mount_id = _mount_id(mountpoint)
+    if mount_id is None:
+        return
+    while True:
+        await trio.sleep(UNMOUNT_POLL_SECONDS)
+        with open("/proc/self/mountinfo") as f:
+            if any(line.split(maxsplit=1)[0] == mount_id for line in f):
+                continue
+        log.info("%s was unmounted", mountpoint)
+        mount.detached = True
+        _stop(mount.operations)
+        return
 
 
 async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
@@ -154,7 +196,8 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(mount.watch_events)
-            nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(_stop_on_signals, mount.operations)
+            nursery.start_soon(_stop_when_detached, mountpoint, mount)
             nursery.start_soon(mount.operations.kernel_cache.run)
             for host in hosts.values():
                 nursery.start_soon(mount.keep_connected, host)
@@ -166,7 +209,7 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
     finally:
         # After `fusermount3 -u` this unmount is a harmless no-op; after a signal it is
         # what takes the mount down.  (Never stat the mount point here: nobody answers.)
-        pyfuse3.close(unmount=True)
+        pyfuse3.close(unmount=not mount.detached)
         for host in hosts.values():
             await host.connection.close()
         log.info("unmounted %s", mountpoint)

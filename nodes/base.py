@@ -64,6 +64,9 @@ class Node:
     """Something with a name in the tree."""
 
     file_type = 0  # stat.S_IFDIR, S_IFREG or S_IFLNK
+    # Each program gets an inode of its own for this node (vfs/callers.py): the kernel
+    # serialises writes on one inode, and one program's write may wait long.
+    per_caller = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -95,6 +95,8 @@ class WordFile(QueryFile):
     """A file each write() of which is carried out before write() returns, so the writer
     gets libvirt's answer; opening it to write renders nothing."""
 
+    per_caller = True  # a `wait` in one shell must not hold up another shell's words
+
     @property
     def writable(self) -> bool:
         return not self.ctx.read_only

@@ -33,10 +33,12 @@ class InodeTable(Generic[N]):
         except KeyError:
             raise OSError(errno.ENOENT, f"inode {inode} is not known") from None
 
-    def remember(self, node: N) -> None:
-        """The kernel got a reference to `node` (lookup, create, readdirplus)."""
-        self._nodes[node.id] = node
-        self._lookups[node.id] = self._lookups.get(node.id, 0) + 1
+    def remember(self, node: N, inode: int | None = None) -> None:
+        """The kernel got a reference to `node` (lookup, create, readdirplus), under its
+        own number or, for a program of its own, under `inode` (vfs/callers.py)."""
+        inode = node.id if inode is None else inode
+        self._nodes[inode] = node
+        self._lookups[inode] = self._lookups.get(inode, 0) + 1
 
     def forget(self, inode: int, count: int) -> None:
         if inode == self.root.id:

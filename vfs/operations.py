@@ -19,11 +19,13 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from libvirtfs.nodes.base import Context, Directory, File, Node, Symlink, fs_error
-from libvirtfs.nodes.guard import calling
+from libvirtfs.nodes.guard import Caller, calling
 from libvirtfs.nodes.handles import Handle
+from libvirtfs.vfs.callers import CallerInodes
 from libvirtfs.vfs.handles import HandleTable
 from libvirtfs.vfs.inodes import InodeTable
 from libvirtfs.vfs.kernel_cache import KernelCache
+from libvirtfs.vfs.pending import Pending, unless_killed
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,10 @@ def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s(%s)", fn.__name__, ", ".join(map(_short_repr.repr, args[1:])))
+        operations: Operations = args[0]  # type: ignore[assignment]
         try:
-            return await fn(*args, **kwargs)
+            with operations.pending.request():  # unmounting ends it (vfs/pending.py)
+                return await fn(*args, **kwargs)
         except pyfuse3.FUSEError as e:
             log.debug("%s -> errno %d", fn.__name__, e.errno)
             raise
@@ -84,6 +88,9 @@ class Operations(pyfuse3.Operations):
         self.inodes: InodeTable[Node] = InodeTable(root)
         self.handles = HandleTable()
         self.kernel_cache = KernelCache(self.inodes)
+        self.callers = CallerInodes(ctx, self.inodes)
+        self.pending = Pending()
+        self._writers: dict[int, int] = {}  # fh -> the program that opened it to write
         ctx.changed = self.kernel_cache.node_changed
         ctx.entry_changed = self.kernel_cache.entry_changed
 
@@ -168,7 +175,17 @@ class Operations(pyfuse3.Operations):
                 log.debug("lookup -> %s/%s is missing", parent.path, _name(name))
                 return self._missing()
             node = found
+            if node.per_caller and ctx is not None:
+                return await self._caller_entry(node, Caller.of(ctx.pid).pid)
         return await self._entry(node)
+
+    async def _caller_entry(self, node: Node, caller: int) -> pyfuse3.EntryAttributes:
+        """`node` under the inode number of this program (vfs/callers.py)."""
+        inode = self.callers.inode_for(node, caller)
+        attrs = await self.attributes(node, inode)
+        attrs.entry_timeout = 0  # the next program's lookup must reach us
+        self.inodes.remember(node, inode)
+        return attrs
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, count in inode_list:
@@ -239,6 +256,8 @@ class Operations(pyfuse3.Operations):
                 # One object that cannot be read (gone, unsupported) must not break `ls`.
                 log.debug("readdir %s/%s: %s", directory.path, name, e)
                 continue
+            if node.per_caller:
+                attrs.entry_timeout = 0  # each program looks it up for itself
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, offset):
                 return
             self.inodes.remember(node)
@@ -332,8 +351,10 @@ class Operations(pyfuse3.Operations):
         if not flags & _WRITE_FLAGS:
             return self._file_info(await node.open_handle(flags))
         self._check_writable_mount()
-        with calling(ctx.pid):  # who writes decides what a control file takes (guard.py)
-            return self._file_info(await node.open_handle(flags))
+        with calling(ctx.pid) as caller:  # who writes decides what control takes (guard.py)
+            info = self._file_info(await node.open_handle(flags))
+        self._writers[info.fh] = caller.pid
+        return info
 
     def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
         return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
@@ -356,7 +377,10 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.handles.get(fh).write(off, buf)
+        handle = self.handles.get(fh)
+        # A control word may wait long; a writer killed meanwhile must be let go.
+        return await unless_killed(self._writers.get(fh, 0),
+                                   lambda: handle.write(off, buf))
 
     @_fuse_errors
     async def flush(self, fh: int) -> None:
@@ -368,6 +392,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
+        self._writers.pop(fh, None)
         handle = self.handles.pop(fh)
         if handle is not None:
             await handle.release()
