@@ -30,7 +30,7 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
-async def _no_signals() -> None:
+async def _no_signals(*args: object) -> None:
     """serve() listens for SIGTERM; only the main thread may, and the test owns that one."""
     await trio.sleep_forever()
 
