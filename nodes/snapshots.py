@@ -46,6 +46,12 @@ DELETE = "user.delete-flags"
 SETTINGS = (FLAGS, DESCRIPTION, TEMPLATE, DELETE)
 
 
+def _is_xml_text(text: str) -> bool:
+    """Whether XML 1.0 can hold `text` as character data (its Char production)."""
+    return all(char in "\t\n\r" or " " <= char <= "\ud7ff" or "\ue000" <= char <= "\ufffd"
+               or char >= "\U00010000" for char in text)
+
+
 class SnapshotsDirectory(Directory):
     reserved = frozenset({CURRENT})
 
@@ -135,9 +141,13 @@ class SnapshotsDirectory(Directory):
             value = ",".join(parse_words(value, SNAPSHOT_DELETE_FLAGS, "delete flag")).encode()
         elif name == DESCRIPTION:
             try:
-                value.decode()
+                text = value.decode()
             except UnicodeDecodeError:
                 raise fs_error(errno.EINVAL, "the description must be UTF-8 text") from None
+            if not _is_xml_text(text):
+                raise fs_error(errno.EINVAL, "the description goes into the snapshot's XML, "
+                                             "which cannot hold NUL or control characters "
+                                             "other than tab and newline")
         elif value.strip():
             self.host.check_snapshot_template(value)
         if value.strip():
