@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import xattr
-from conftest import Mounted, expect_errno, user_error
+from conftest import Mounted, expect_errno, sh, user_error, write_file
 
 
 @pytest.fixture
@@ -42,3 +42,23 @@ def test_a_description_with_markup_is_kept_as_text(snapshots: Path) -> None:
     os.mkdir(snapshots / "s1")
     assert "<description>&lt;b&gt;&amp;amp; été\ttab\nline</description>" in (
         snapshots / "s1" / "xml").read_text()
+
+
+WEB = ("<domain type='test'><name>web</name><memory unit='KiB'>65536</memory>"
+       "<os><type>hvm</type></os></domain>")
+
+
+def test_removing_empty_folders_removes_no_object(domains: Path, snapshots: Path) -> None:
+    # The usual way to clear out empty folders: rmdir ignores the ones that are not empty.
+    # An object folder is never empty, yet each of these rmdirs removed a snapshot or domain.
+    os.mkdir(domains / "web")
+    write_file(domains / "web" / "xml", WEB)
+    os.mkdir(snapshots / "s1")
+    os.mkdir(domains / "pending")
+    sh(f"find {domains} -mindepth 1 -depth -type d "
+       f"-exec rmdir --ignore-fail-on-non-empty {{}} +", check=False)  # snapshots/: EPERM
+    assert sorted(os.listdir(domains)) == ["test", "web"]  # the empty pending folder went
+    assert "s1" in os.listdir(snapshots)
+    assert "--ignore-fail-on-non-empty" in user_error(snapshots)
+    sh(f"rmdir {snapshots}/s1")  # a plain rmdir still removes the object
+    assert os.listdir(snapshots) == []
