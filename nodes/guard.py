@@ -39,6 +39,7 @@ class Caller:
 
     pid: int = 0
     command: str = ""
+    only_if_empty: bool = False  # `rmdir --ignore-fail-on-non-empty`
 
     @classmethod
     def of(cls, pid: int) -> Caller:
@@ -50,9 +51,19 @@ class Caller:
                 tgid = next((int(line.split()[1]) for line in f
                              if line.startswith("Tgid:")), pid)
             with open(f"/proc/{tgid}/comm") as f:
-                return cls(tgid, f.read().strip())
+                command = f.read().strip()
+            return cls(tgid, command, command == "rmdir" and _ignores_non_empty(tgid))
         except (OSError, ValueError):
             return cls(pid)  # gone already, or in another pid namespace
+
+
+def _ignores_non_empty(tgid: int) -> bool:
+    """Whether rmdir was told to leave folders that are not empty alone: the usual way to
+    clear out empty folders (`find DIR -type d -exec rmdir --ignore-fail-on-non-empty {} +`),
+    which must not remove objects, whose folders are never empty."""
+    with open(f"/proc/{tgid}/cmdline", "rb") as f:
+        arguments = f.read().split(b"\0")
+    return b"--ignore-fail-on-non-empty" in arguments
 
 
 # Programs that copy files: a `control` file they write is a saved listing being copied
@@ -100,6 +111,11 @@ class Guard:
     def check_rmdir(self, path: str, what: str) -> None:
         """Raise unless the caller may remove the object `what` (\"domain 'web'\")."""
         who = caller()
+        if who.only_if_empty:
+            raise OSError(errno.ENOTEMPTY,
+                          f"{path} is {what}, so it is not empty: rmdir "
+                          f"--ignore-fail-on-non-empty leaves it (a plain rmdir {path} "
+                          f"removes the object)")
         if who.command in RECURSIVE_REMOVERS:
             raise OSError(errno.ENOTEMPTY,
                           f"{path} is {what}: {who.command} removes folders as part of a "
