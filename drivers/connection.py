@@ -27,7 +27,7 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import libvirt
@@ -72,6 +72,7 @@ class Connection:
         self._threads = trio.CapacityLimiter(max_threads + MAX_ABANDONED)
         self._conn: libvirt.virConnect | None = None
         self._lost: list[libvirt.virConnect] = []
+        self._busy: dict[libvirt.virConnect, int] = {}  # calls using each connection
         self._open_lock = threading.Lock()
         self._on_open: list[tuple[OnOpen, OnClose | None]] = []
         self._on_late: list[Callable[[str], None]] = []
@@ -111,34 +112,54 @@ class Connection:
 
     # -- in worker threads -------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[libvirt.virConnect]:
+        """The open connection, which is not closed while this block uses it: a call in
+        another thread may find it lost meanwhile."""
+        conn = self._open()
+        try:
+            yield conn
+        finally:
+            with self._state_lock:
+                left = self._busy.pop(conn) - 1
+                if left:
+                    self._busy[conn] = left
+
     def _open(self) -> libvirt.virConnect:
+        """The connection, opened if need be, counted as in use (see `_using`)."""
         with self._open_lock:
-            if self._conn is not None:
-                if _alive(self._conn):
-                    return self._conn
-                log.warning("connection to %s was lost; reconnecting", self.where)
-                self._lose(self._conn)
-            self._close_lost()
-            events.ensure_event_loop()
-            uri = self.requested_uri
-            try:
-                conn = libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
-            except libvirt.libvirtError as e:
-                # However libvirt words it (a missing socket reads as ENOENT), the host
-                # cannot be reached: the objects under it are not known to be gone.
-                error = from_libvirt(e)
-                raise DriverError(errno.ENOTCONN, error.strerror, error.libvirt_code) from None
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.setKeepAlive(5, 3)  # local drivers have none; nothing to do
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.registerCloseCallback(self._closed, None)
-            self._conn = conn
-            for callback, _ in self._on_open:
-                try:
-                    callback(conn)
-                except libvirt.libvirtError as e:
-                    log.warning("%s: %s", self.where, e.get_error_message())
+            conn = self._open_locked()
+            with self._state_lock:
+                self._busy[conn] = self._busy.get(conn, 0) + 1
             return conn
+
+    def _open_locked(self) -> libvirt.virConnect:
+        if self._conn is not None:
+            if _alive(self._conn):
+                return self._conn
+            log.warning("connection to %s was lost; reconnecting", self.where)
+            self._lose(self._conn)
+        self._close_lost()
+        events.ensure_event_loop()
+        uri = self.requested_uri
+        try:
+            conn = libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            # However libvirt words it (a missing socket reads as ENOENT), the host
+            # cannot be reached: the objects under it are not known to be gone.
+            error = from_libvirt(e)
+            raise DriverError(errno.ENOTCONN, error.strerror, error.libvirt_code) from None
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(5, 3)  # local drivers have none; nothing to do
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.registerCloseCallback(self._closed, None)
+        self._conn = conn
+        for callback, _ in self._on_open:
+            try:
+                callback(conn)
+            except libvirt.libvirtError as e:
+                log.warning("%s: %s", self.where, e.get_error_message())
+        return conn
 
     def _closed(self, conn: libvirt.virConnect, reason: int, opaque: object) -> None:
         """libvirt's close callback (on its event thread): only mark the loss; closing
@@ -154,12 +175,13 @@ class Connection:
                 self._lost.append(conn)
 
     def _close_lost(self) -> None:
-        """Close lost connections for good.  Their event callbacks hold references to
-        them: unless deregistered, the client library keeps the socket open and libvirtd
-        keeps sending events on it."""
+        """Close lost connections that no call uses any more (under `_open_lock`).  Their
+        event callbacks hold references to them: unless deregistered, the client library
+        keeps the socket open and libvirtd keeps sending events on it."""
         with self._state_lock:
-            lost, self._lost = self._lost, []
-        for conn in lost:
+            idle = [conn for conn in self._lost if conn not in self._busy]
+            self._lost = [conn for conn in self._lost if conn in self._busy]
+        for conn in idle:
             self._close(conn)
 
     def _close(self, conn: libvirt.virConnect) -> None:
@@ -175,18 +197,18 @@ class Connection:
             conn.close()
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = self._open()
-        target, fault = self._inject(conn, fn) if self.faults is not None else (conn, None)
-        try:
-            result = fn(target, *args)
-        except libvirt.libvirtError as e:
-            # One failed message (too large, say) leaves the connection as good as it was.
-            if e.get_error_code() in _CONNECTION_GONE and not _alive(conn):
-                log.warning("connection to %s was lost: %s", self.where,
-                            e.get_error_message())
-                self._lose(conn)
-                self._close_lost()
-            raise from_libvirt(e) from None
+        with self._using() as conn:
+            target, fault = (self._inject(conn, fn) if self.faults is not None
+                             else (conn, None))
+            try:
+                result = fn(target, *args)
+            except libvirt.libvirtError as e:
+                # One failed message (too large, say) leaves the connection as it was.
+                if e.get_error_code() in _CONNECTION_GONE and not _alive(conn):
+                    log.warning("connection to %s was lost: %s", self.where,
+                                e.get_error_message())
+                    self._lose(conn)  # closed by the next _open, once nobody uses it
+                raise from_libvirt(e) from None
         faults.FaultRules.apply_stall(fault)
         return result
 
@@ -204,7 +226,7 @@ class Connection:
             # What libvirtd going away looks like from here: the close callback runs and
             # this connection is dead; the call at hand fails, the next one reconnects.
             self._closed(conn, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
-            self._close_lost()
+            raise DriverError(errno.ENOTCONN, "injected fault: the connection was dropped")
         faults.FaultRules.apply_delay_or_error(fault)
         return conn, fault
 
@@ -215,10 +237,10 @@ class Connection:
 
         def ask() -> None:
             try:
-                conn = self._open()
-                target, fault = (self._inject(conn, ask) if self.faults is not None
-                                 else (conn, None))
-                target.getLibVersion()
+                with self._using() as conn:
+                    target, fault = (self._inject(conn, ask) if self.faults is not None
+                                     else (conn, None))
+                    target.getLibVersion()
                 faults.FaultRules.apply_stall(fault)
             except (libvirt.libvirtError, OSError) as e:
                 log.info("liveness probe of %s: %s", self.where, e)
@@ -265,11 +287,11 @@ class Connection:
                 log.exception("reporting a late outcome")
 
     def close_now(self) -> None:
-        """Close the connection (blocking; for shutdown)."""
+        """Close the connection (blocking; for shutdown).  One that an abandoned call
+        still uses is left to the end of the process."""
         with self._open_lock:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                self._lost.append(conn)
+            if self._conn is not None:
+                self._lose(self._conn)
             self._close_lost()
 
     # -- on the trio loop --------------------------------------------------------------

@@ -15,8 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import libvirt
 import pytest
 from conftest import Mounted, check_clean_exit, run, sh, start_mount, user_error
+from inprocess import InProcessMount, allow_in_a_thread
 
 LIBVIRTFS = [sys.executable, "-m", "libvirtfs.mount.cli"]
 
@@ -305,3 +307,56 @@ def test_a_killed_writer_dies_at_once(demo: Mounted, waiter) -> None:
     assert time.monotonic() - started < 3
     # The mount carries on.
     assert (demo.host() / "domains/test/state").read_text() == "running\n"
+
+
+# -- a connection dropped in the middle of 16 defines -----------------------------------
+
+
+def libvirt_names(conn: libvirt.virConnect) -> dict[str, set[str]]:
+    return {"domains": {d.name() for d in conn.listAllDomains()},
+            "pools": {p.name() for p in conn.listAllStoragePools()},
+            "networks": {n.name() for n in conn.listAllNetworks()}}
+
+
+def tree_names(host: Path) -> dict[str, set[str]]:
+    return {folder: set(os.listdir(host / folder)) for folder in ("domains", "pools",
+                                                                    "networks")}
+
+
+def test_a_connection_dropped_mid_define_of_16_callers(tmp_path: Path, monkeypatch) -> None:
+    allow_in_a_thread(monkeypatch)
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    uri = "test:///default"
+    conn = libvirt.open(uri)  # the same in-process host the mount serves
+    names = [f"hangs-drop-{n:02d}" for n in range(16)]
+    mount = InProcessMount(tmp_path / "mnt", uri, options="timeout=5,cache_timeout=0")
+    mount.start()
+    try:
+        host = mount.path / "hosts/test"
+        assert tree_names(host) == libvirt_names(conn)
+        rules.write_text(f"{uri} drop 0 define\n")  # under the first define that comes
+        callers = []
+        for name in names:
+            (tmp_path / name).write_text(DOMAIN.format(name))
+            folder = host / "domains" / name
+            # What a user types; a refused definition leaves no pending folder behind.
+            callers.append(subprocess.Popen(
+                ["bash", "-c", f"mkdir {folder} && cp {tmp_path / name} {folder}/xml "
+                               f"|| {{ rmdir {folder}; exit 1; }}"],
+                stderr=subprocess.PIPE, text=True))
+        failed = [name for name, caller in zip(names, callers, strict=True)
+                  if caller.wait(timeout=60) != 0]
+        assert failed, "the dropped connection failed nobody's define"
+        # The host answers again by itself, and the tree is libvirt's view.
+        until(lambda: tree_names(host) == libvirt_names(conn))
+        assert set(names) - set(failed) <= libvirt_names(conn)["domains"]
+        assert "connection to test:///default closed" in "\n".join(
+            mount.log.format(r) for r in mount.log.records)
+    finally:
+        rules.unlink(missing_ok=True)
+        mount.stop()
+        for dom in conn.listAllDomains():
+            if dom.name().startswith("hangs-drop-"):
+                dom.undefine()
+        conn.close()
