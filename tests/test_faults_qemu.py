@@ -3,14 +3,20 @@ connection, and a killed libvirtd is survived without a remount."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import shutil
+import signal
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import libvirt
 import pytest
-from conftest import Mounted, run
+from conftest import Mounted, eventually, run
 
 pytestmark = pytest.mark.qemu
 
@@ -66,3 +72,109 @@ def test_failing_calls_leak_no_connection(mount_factory, qemu_uri: str,
     assert (folder / "state").read_text() == "shutoff\n"
     assert libvirtd_clients_of(mounted.process.pid) == 1
     assert "was lost" not in mounted.log()
+
+
+# -- libvirtd killed while snapshots are being taken -------------------------------------
+
+TESTBED = Path(__file__).resolve().parent.parent / "contrib" / "qemu-testbed.sh"
+SECOND_PIDFILE = Path("/run/libvirtfs-testbed/libvirtd-second.pid")
+
+
+@pytest.fixture
+def second_uri(qemu_uri: str) -> Iterator[str]:
+    """The second libvirtd of contrib/qemu-testbed.sh, reached over libvirt's remote
+    protocol: a daemon no other test relies on staying up, which this one kills."""
+    uri = run("bash", TESTBED, "start-second", timeout=120).stdout.strip().splitlines()[-1]
+    yield uri
+    run("bash", TESTBED, "start-second", timeout=120)  # running again, as found
+
+
+def kill_second_libvirtd() -> None:
+    pid = int(SECOND_PIDFILE.read_text())
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "libvirtd"
+    os.kill(pid, signal.SIGKILL)
+
+
+def names(conn: libvirt.virConnect) -> dict[str, set[str]]:
+    """libvirt's view: every domain, pool and network, and each domain's snapshots."""
+    found = {"pools": {p.name() for p in conn.listAllStoragePools()},
+             "networks": {n.name() for n in conn.listAllNetworks()}}
+    for dom in conn.listAllDomains():
+        found[f"domains/{dom.name()}"] = set(dom.snapshotListNames())
+    return found
+
+
+def tree(host: Path) -> dict[str, set[str]]:
+    """The mount's view, in the same shape."""
+    found = {folder: set(os.listdir(host / folder)) for folder in ("pools", "networks")}
+    for domain in os.listdir(host / "domains"):
+        snapshots = host / "domains" / domain / "snapshots"
+        found[f"domains/{domain}"] = set(os.listdir(snapshots)) - {"current"}
+    return found
+
+
+def test_libvirtd_killed_during_snapshots(mount_factory, second_uri: str,
+                                          tmp_path: Path) -> None:
+    name = f"hangs-{uuid.uuid4().hex[:8]}"
+    disk = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", disk, "16M")
+    conn = libvirt.open(second_uri)
+    conn.defineXML(
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+        f"<os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{disk}'/>"
+        f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    conn.close()
+    try:
+        mounted = mount_factory(f"far={second_uri}", options="timeout=5,cache_timeout=0")
+        host = mounted.host("far")
+        folder = host / "domains" / name
+
+        def snapshot(n: int) -> int:
+            try:
+                (folder / "snapshots" / f"s{n:02d}").mkdir()
+            except OSError as e:
+                return e.errno or 0
+            return 0
+
+        def look(n: int) -> int:
+            try:
+                (folder / ("state", "info", "xml")[n % 3]).read_text()
+                os.listdir(host / "domains")
+            except OSError as e:
+                return e.errno or 0
+            return 0
+
+        assert (folder / "state").read_text() == "shutoff\n"
+        with ThreadPoolExecutor(16) as pool:
+            calls = [pool.submit(snapshot, n) for n in range(8)]
+            calls += [pool.submit(look, n) for n in range(8)]
+            time.sleep(0.05)
+            kill_second_libvirtd()  # kill -9, in the middle of it
+            results = [call.result(timeout=60) for call in calls]
+        # Each call either worked or says the connection broke; none hangs.
+        assert set(results) <= {0, errno.ENOTCONN, errno.EIO, errno.ETIMEDOUT, errno.ENOENT,
+                                errno.ECONNRESET, errno.EPIPE}, results
+        # The testbed starts the second daemon with fresh definitions: the domain is gone
+        # then, which the tree must show too.
+        run("bash", TESTBED, "start-second", timeout=120)
+        # No remount: the host answers again by itself, and the tree is libvirt's view.
+        eventually(lambda: _assert("hostname: libvirtfs-second" in (host / "info").read_text()),
+                   timeout=30)
+        fresh = libvirt.open(second_uri)
+        try:
+            eventually(lambda: _assert(tree(host) == names(fresh)), timeout=15)
+        finally:
+            fresh.close()
+    finally:
+        run("bash", TESTBED, "start-second", timeout=120)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn = libvirt.open(second_uri)
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName(name).undefineFlags(
+                    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            conn.close()
+
+
+def _assert(condition: bool) -> None:
+    assert condition
