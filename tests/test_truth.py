@@ -276,7 +276,11 @@ def test_a_domain_defined_anew_elsewhere_shows_whole(elsewhere) -> None:
     (theirs / "web").mkdir()  # ...and define again: a new UUID, the same name
     write_file(theirs / "web/xml", VM.format(name="web"))
     new_uuid = info(theirs / "web/info")["uuid"]
-    for _ in range(2):  # at once, and once libvirt's events have arrived
+    # `mine` learns of both changes from libvirt's events, which take a moment: between
+    # them the domain was truly gone, so a short ENOENT for the folder is the truth then.
+    # Whenever the folder is there, though, it is whole and the new domain's.
+    _listed_within(folder, seconds=5)
+    for _ in range(2):  # once listed, and once every event has arrived
         assert sorted(os.listdir(folder)) == full
         assert (folder / "state").read_text() == "shutoff\n"
         assert info(folder / "info")["uuid"] == new_uuid
@@ -440,4 +444,17 @@ def test_a_rename_elsewhere_moves_the_folder(mount_factory, qemu_uri: str, guest
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+def _listed_within(folder: Path, seconds: float) -> None:
+    """Wait until `folder` can be listed (only FileNotFoundError is waited out)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.listdir(folder)
+            return
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
