@@ -77,7 +77,7 @@ VALID_WORDS = {
 }
 # The words the machine writes, and the state each leaves a test-driver domain in.
 STATE_AFTER = {"start": "running", "destroy": "shutoff", "suspend": "paused",
-               "resume": "running", "shutdown": "shutoff"}
+               "resume": "running", "shutdown": "shutoff", "managed-save": "shutoff"}
 SERVED = {"state", "info", "xml", "live.xml", "autostart", "control", "snapshots"}
 SNAPSHOT_SERVED = {"xml", "state", "info", "control"}
 
@@ -137,6 +137,7 @@ class DomainTruth:
     persistent: bool
     memory: int  # of the persistent definition, KiB
     autostart: bool
+    managed_save: bool
     snapshots: tuple[tuple[str, SnapshotTruth], ...]
     current: str | None
 
@@ -161,6 +162,7 @@ def libvirt_truth(conn: libvirt.virConnect) -> dict[str, DomainTruth]:
             uuid=dom.UUIDString(), name=name, state=STATE_WORDS[dom.state(0)[0]],
             persistent=bool(dom.isPersistent()),
             memory=int(definition.findtext("memory")), autostart=bool(dom.autostart()),
+            managed_save=bool(dom.hasManagedSaveImage(0)),
             snapshots=tuple(sorted(snapshots)), current=current)
     return truth
 
@@ -209,11 +211,17 @@ def attempt(fn, *args) -> int:
     return 0
 
 
-def user_error(path: Path) -> str:
+def user_attribute(path: Path, name: str) -> str | None:
     try:
-        return os.getxattr(path, "user.error").decode()
-    except OSError:
-        return ""
+        return os.getxattr(path, name).decode()
+    except OSError as e:
+        if e.errno != errno.ENODATA:
+            raise
+        return None
+
+
+def user_error(path: Path) -> str:
+    return user_attribute(path, "user.error") or ""
 
 
 def key_values(text: str) -> dict[str, str]:
@@ -263,7 +271,11 @@ class MountSession(RuleBasedStateMachine):
         self.look = True
         # Object folders a recursive delete walked: (domain uuid, snapshot or None) ->
         # (when, whether another program's rmdir was refused since).
-        self.guards: dict[tuple[str, str | None], tuple[float, bool]] = {}
+        # (refused: None while it is not known whether the folder was walked.)
+        self.guards: dict[tuple[str, str | None], tuple[float, bool | None]] = {}
+        # user.undefine-flags on domains/, and user.flags on each domain's snapshots/.
+        self.undefine: set[str] = set()
+        self.snapshot_flags: dict[str, str] = {}
 
     @initialize()
     def mount_fresh_host(self) -> None:
@@ -429,15 +441,21 @@ class MountSession(RuleBasedStateMachine):
         elif domain.state != "shutoff":
             self.expect(got, errno.EBUSY, f"rmdir {folder} ({domain.state})", self.domains)
             assert after == before
-        elif domain.snapshots:
+        elif domain.snapshots and "snapshots-metadata" not in self.undefine:
             self.expect(got, errno.ENOTEMPTY, f"rmdir {folder} (has snapshots)", self.domains)
+            assert after == before
+        elif domain.managed_save and "managed-save" not in self.undefine:
+            self.expect(got, errno.EBUSY, f"rmdir {folder} (managed save image)", self.domains)
             assert after == before
         else:
             self.expect(got, 0, f"rmdir {folder}", self.domains)
             assert after == {k: v for k, v in before.items() if k != folder}
             self.scratch.pop(folder, None)
-            self.guards = {key: value for key, value in self.guards.items()
-                           if key[0] != domain.uuid}
+            self.forget_domain(domain.uuid)
+
+    def forget_domain(self, uuid: str) -> None:
+        self.guards = {key: value for key, value in self.guards.items() if key[0] != uuid}
+        self.snapshot_flags.pop(uuid, None)
 
     def guard_refuses(self, key: tuple[str, str | None], got: int) -> bool:
         """Whether the guard of an object folder refuses this rmdir (docs/writing.md): the
@@ -446,6 +464,9 @@ class MountSession(RuleBasedStateMachine):
             return False
         when, refused = self.guards[key]
         if refused:
+            return False
+        if refused is None and got != errno.ENOTEMPTY:  # it was not walked after all
+            del self.guards[key]
             return False
         if time.monotonic() - when > GUARD_SECONDS - 5 and got != errno.ENOTEMPTY:
             del self.guards[key]  # it was about to run out: either answer is right
@@ -514,7 +535,92 @@ class MountSession(RuleBasedStateMachine):
             return
         assert after == before
 
+    @step(value=st.sampled_from(["", "snapshots-metadata", "managed-save",
+                                 "managed-save,snapshots-metadata", "bogus"]))
+    def set_undefine_flags(self, value: str) -> None:
+        before = self.truth()
+        got = tool_errno(run("setfattr", "-n", "user.undefine-flags", "-v", value,
+                             self.domains))
+        assert self.truth() == before
+        if value == "bogus":
+            self.expect(got, errno.EINVAL, "setfattr user.undefine-flags bogus", self.domains)
+            return
+        self.expect(got, 0, f"setfattr user.undefine-flags {value!r}", self.domains)
+        self.undefine = set(filter(None, value.split(",")))
+
+    @step()
+    def mkdir_long_name(self) -> None:
+        before = self.truth()
+        got = tool_errno(run("mkdir", self.domains / ("x" * 256)))
+        self.expect(got, errno.ENAMETOOLONG, "mkdir of a 256-byte name", self.domains)
+        assert self.truth() == before
+
+    @step(target=TOUCHED, folder=FOLDERS, memory=MEMORY,
+          tool=st.sampled_from(["cp -r", "tar x", "rsync -a"]))
+    def restore_saved_folder(self, folder: str, memory: int, tool: str) -> str:
+        """A folder saved with its served files (docs/writing.md, "Restoring a saved
+        folder"): the xml defines, and nothing else is carried out (a saved control says
+        `start`)."""
+        saved = self.workdir / "saved"
+        shutil.rmtree(saved, ignore_errors=True)
+        (saved / folder).mkdir(parents=True)
+        (saved / folder / "xml").write_bytes(domain_document(NAME_OF[folder], memory))
+        (saved / folder / "state").write_text("running\n")
+        (saved / folder / "info").write_text(f"name: {NAME_OF[folder]}\n")
+        (saved / folder / "control").write_text("start\n")
+        before = self.truth()
+        if tool == "cp -r":
+            run("cp", "-r", saved / folder, self.domains)
+        elif tool == "tar x":
+            run("tar", "-C", saved, "-cf", self.workdir / "saved.tar", folder)
+            run("tar", "-C", self.domains, "-xf", self.workdir / "saved.tar")
+        else:
+            # --ignore-times: the saved xml may have the size and the second of the one
+            # shown (libvirtfs keeps its own mtimes), which rsync would take as unchanged.
+            run("rsync", "-a", "--ignore-times", saved / folder, f"{self.domains}/")
+        after = self.truth()
+        assert folder in after, f"{tool} did not define {folder}"
+        restored = after[folder]
+        assert restored.persistent
+        if folder in before:
+            old = before[folder]
+            assert (restored.uuid, restored.state) == (old.uuid, old.state), "a word was run"
+            # tar removes a file before it writes it, and libvirtfs refuses to remove `xml`
+            # (as with install, docs/writing.md); cp and rsync write it.
+            assert restored.memory == (old.memory if tool == "tar x" else memory)
+        else:
+            assert restored.memory == memory
+            assert restored.state == "shutoff", "the saved control file was carried out"
+            self.pending.discard(folder)
+        assert {k: v for k, v in after.items() if k != folder} == {
+            k: v for k, v in before.items() if k != folder}
+        if tool == "tar x":
+            # tar unlinks what it cannot create, which arms the guard (nodes/guard.py):
+            # surely over a defined domain, and for a new one if xml was not its first.
+            key = (restored.uuid, None)
+            now = time.monotonic()
+            when, refused = self.guards.get(key, (now, None if folder not in before else False))
+            self.guards[key] = (now, refused if now - when < GUARD_SECONDS else False)
+        return folder
+
     # -- snapshots ---------------------------------------------------------------------
+
+    @step(folder=FOLDERS, value=st.sampled_from(["halt", "", "bogus"]))
+    def set_snapshot_flags(self, folder: str, value: str) -> None:
+        before = self.truth()
+        path = self.domains / folder / "snapshots"
+        got = tool_errno(run("setfattr", "-n", "user.flags", "-v", value, path))
+        assert self.truth() == before
+        if folder not in before:
+            self.expect(got, errno.ENOENT, f"setfattr user.flags on {path} (no domain)")
+        elif value == "bogus":
+            self.expect(got, errno.EINVAL, f"setfattr user.flags bogus {path}", path)
+        else:
+            self.expect(got, 0, f"setfattr user.flags {value!r} {path}", path)
+            if value:
+                self.snapshot_flags[before[folder].uuid] = value
+            else:
+                self.snapshot_flags.pop(before[folder].uuid, None)
 
     @step(folder=FOLDERS, snapshot=SNAPSHOT_NAMES)
     def take_snapshot(self, folder: str, snapshot: str) -> None:
@@ -540,7 +646,9 @@ class MountSession(RuleBasedStateMachine):
                         self.domains / folder / "snapshots")
             made = after[folder]
             assert made.snapshot(name) is not None and made.current == name
-            assert made.state == domain.state
+            # user.flags is used up by this mkdir (docs/snapshots.md); halt stops the domain.
+            halted = self.snapshot_flags.pop(domain.uuid, None) == "halt"
+            assert made.state == ("shutoff" if halted else domain.state)
 
     @step(folder=FOLDERS, snapshot=SNAPSHOT_NAMES)
     def delete_snapshot(self, folder: str, snapshot: str) -> None:
@@ -732,6 +840,7 @@ class MountSession(RuleBasedStateMachine):
         assert info["persistent"] == ("yes" if domain.persistent else "no")
         assert (info["id"] == "-") == (domain.state == "shutoff"), info
         assert info["autostart"] == ("yes" if domain.autostart else "no"), info
+        assert info["managed-save"] == ("yes" if domain.managed_save else "no"), info
         assert (path / "autostart").read_text() == ("1\n" if domain.autostart else "0\n")
         control = (path / "control").read_text().split()
         assert control == [*VALID_WORDS[domain.state], "wait"], f"{path}/control: {control}"
@@ -742,6 +851,8 @@ class MountSession(RuleBasedStateMachine):
         self.check_snapshots(path / "snapshots", domain)
 
     def check_snapshots(self, path: Path, domain: DomainTruth) -> None:
+        flags = self.snapshot_flags.get(domain.uuid)
+        assert user_attribute(path, "user.flags") == flags, f"{path}: user.flags"
         names = set(os.listdir(path))
         expected = {SNAPSHOT_FOLDER.get(name, name) for name, _ in domain.snapshots}
         if domain.current is not None:
