@@ -62,3 +62,27 @@ def test_removing_empty_folders_removes_no_object(domains: Path, snapshots: Path
     assert "--ignore-fail-on-non-empty" in user_error(snapshots)
     sh(f"rmdir {snapshots}/s1")  # a plain rmdir still removes the object
     assert os.listdir(snapshots) == []
+
+
+def peak_memory_mib(mounted: Mounted) -> int:
+    status = Path(f"/proc/{mounted.process.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM:"))) // 1024
+
+
+@pytest.mark.parametrize("file", ["test/xml", "pending/xml", "pending/scratch",
+                                  "test/control", "test/autostart"])
+def test_truncate_to_100_gib_is_efbig_at_once(demo: Mounted, domains: Path, file: str) -> None:
+    # $ truncate -s 100G domains/test/xml
+    # Once: EIO and a MemoryError in the log; `dd seek=10G of=autostart` grew the mount
+    # to 10 GiB of memory.
+    os.mkdir(domains / "pending")
+    (domains / "pending" / "scratch").write_text("x\n")
+    path = domains / file
+    with open(path, "r+b" if file in ("test/xml", "pending/scratch") else "wb") as f:
+        expect_errno(errno.EFBIG, os.truncate, path, 100 << 30)
+        expect_errno(errno.EFBIG, os.ftruncate, f.fileno(), 1 << 30)
+    assert "at most" in user_error(path)
+    assert peak_memory_mib(demo) < 512
+    assert "<name>test</name>" in (domains / "test" / "xml").read_text()
+    assert (domains / "test" / "state").read_text() == "running\n"
