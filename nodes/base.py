@@ -199,8 +199,14 @@ class File(Node):
     async def commit(self, data: bytes) -> None:
         raise fs_error(errno.EACCES, f"{self.path} is read-only")
 
+    def check_size(self, size: int) -> None:
+        """Refuse a size over `max_size` before anything that big is made in memory."""
+        if self.max_size is not None and size > self.max_size:
+            raise fs_error(errno.EFBIG, f"{self.path} takes at most {self.max_size} bytes")
+
     async def truncate(self, size: int) -> None:
         """truncate(2) without an open handle."""
+        self.check_size(size)
         data = await self.content()
         await self.commit(data[:size].ljust(size, b"\0"))
 

@@ -91,9 +91,7 @@ class DocumentHandle(Handle):
         if self.append:
             offset = len(self.data)
         end = offset + len(buf)
-        limit = self.node.max_size
-        if limit is not None and max(end, len(self.data)) > limit:
-            raise OSError(errno.EFBIG, f"{self.node.path} takes at most {limit} bytes")
+        self.node.check_size(max(end, len(self.data)))
         if offset > len(self.data):
             self.data.extend(b"\0" * (offset - len(self.data)))
         self.data[offset:end] = buf
@@ -101,6 +99,11 @@ class DocumentHandle(Handle):
         return len(buf)
 
     async def truncate(self, size: int) -> None:
+        try:
+            self.node.check_size(size)
+        except OSError as e:
+            self.node.record_error(e)
+            raise
         if size < len(self.data):
             del self.data[size:]
         else:

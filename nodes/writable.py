@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from libvirtfs.nodes.objects import ObjectDirectory
 
 MAX_SCRATCH_BYTES = 16 * 1024 * 1024
+MAX_WORD_FILE_BYTES = 4096  # `control` and `autostart` take one short line
 
 
 class ScratchFile(File):
@@ -56,6 +57,7 @@ class ScratchFile(File):
         self.touch()
 
     async def truncate(self, size: int) -> None:
+        self.check_size(size)
         await self.commit(self.data[:size].ljust(size, b"\0"))
 
     async def xattrs(self) -> dict[str, bytes]:
@@ -96,6 +98,7 @@ class WordFile(QueryFile):
     gets libvirt's answer; opening it to write renders nothing."""
 
     per_caller = True  # a `wait` in one shell must not hold up another shell's words
+    max_size = MAX_WORD_FILE_BYTES  # truncate(2) would otherwise make its zeros in memory
 
     @property
     def writable(self) -> bool:
