@@ -53,6 +53,8 @@ _CONNECTION_GONE = {
 MAX_ABANDONED = 64
 # How long the liveness probe may take before the host counts as hung.
 PROBE_SECONDS = 5.0
+# While one call waits, another running longer than this makes the watcher probe.
+KICK_SECONDS = 0.1
 
 OnOpen = Callable[[libvirt.virConnect], None]
 OnClose = Callable[[libvirt.virConnect], None]
@@ -84,6 +86,8 @@ class Connection:
         # at once (`ls -l` of a dead host must not take one timeout per file).
         self._hung_since: float | None = None
         self._in_flight: set[trio.CancelScope] = set()
+        self._running: set[_Call] = set()  # calls whose threads are in libvirt now
+        self._watcher: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
     @property
@@ -266,6 +270,21 @@ class Connection:
                 self._hung_since = None
                 self._probing = False
 
+    def _watch(self) -> None:
+        """(A daemon thread per connection.)  Probe while two calls have been running for
+        KICK_SECONDS: the probe's message unsticks libvirt's client.  With keepalive on
+        (libvirt 9), while one call waits for a stuck QEMU monitor, the replies to other
+        threads' calls may wait until another message is sent on the connection."""
+        while True:
+            time.sleep(KICK_SECONDS)
+            now = time.monotonic()
+            with self._state_lock:
+                waiting = sorted(now - call.began for call in self._running)
+            # One call that waits long is its own business (the timeout's); a second one
+            # waiting behind it may be one of those replies.
+            if len(waiting) >= 2 and waiting[-2] > KICK_SECONDS:
+                self._start_probe()
+
     def _start_probe(self) -> None:
         with self._state_lock:
             if self._probing:
@@ -308,12 +327,18 @@ class Connection:
                                                f"{self.where} still wait after "
                                                f"{self.timeout:g} s; no more are started")
         call = _Call(what or getattr(fn, "__qualname__", "a libvirt call"))
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="libvirtfs-watch",
+                                             daemon=True)
+            self._watcher.start()
 
         def in_thread() -> T:
             with self._state_lock:
                 if call.abandoned:
                     raise _NeverRan  # given up before it began: nobody waits for it
                 call.started = True
+                call.began = time.monotonic()
+                self._running.add(call)
             error: BaseException | None = None
             try:
                 return self._run(fn, args)
@@ -323,6 +348,7 @@ class Connection:
             finally:
                 with self._state_lock:
                     call.done = True
+                    self._running.discard(call)
                     late = call.abandoned
                     if late:
                         self._abandoned -= 1
@@ -389,7 +415,7 @@ class _NeverRan(Exception):
 class _Call:
     """One call's progress: started in a thread, finished, or given up on."""
 
-    __slots__ = ("abandoned", "deadline", "done", "started", "what")
+    __slots__ = ("abandoned", "began", "deadline", "done", "started", "what")
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -397,3 +423,4 @@ class _Call:
         self.done = False
         self.abandoned = False
         self.deadline = 0.0
+        self.began = 0.0

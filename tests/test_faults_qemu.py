@@ -178,3 +178,51 @@ def test_libvirtd_killed_during_snapshots(mount_factory, second_uri: str,
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+# -- one QEMU monitor stuck --------------------------------------------------------------
+
+GUEST = ("<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+         "<os><type arch='x86_64'>hvm</type></os></domain>")
+
+
+@pytest.fixture
+def stuck_guest(qemu_uri: str) -> Iterator[str]:
+    name = f"hangs-{uuid.uuid4().hex[:8]}"
+    yield name
+    pidfile = Path(f"/run/libvirt/qemu/{name}.pid")
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pidfile.read_text()), signal.SIGCONT)
+    run("virsh", "-c", qemu_uri, "destroy", name, check=False)
+    run("virsh", "-c", qemu_uri, "undefine", name, check=False)
+
+
+def test_a_stuck_qemu_monitor_leaves_the_host_answering(mount_factory, qemu_uri: str,
+                                                       stuck_guest: str) -> None:
+    mounted = mount_factory(f"lab={qemu_uri}", options="timeout=2,cache_timeout=0")
+    host = mounted.host("lab")
+    folder = host / "domains" / stuck_guest
+    folder.mkdir()
+    (folder / "xml").write_text(GUEST.format(name=stuck_guest))
+    run("bash", "-c", f"echo start > {folder / 'control'}")
+    qemu = int(Path(f"/run/libvirt/qemu/{stuck_guest}.pid").read_text())
+    os.kill(qemu, signal.SIGSTOP)  # its monitor answers nothing now
+    try:
+        started = time.monotonic()
+        result = run("bash", "-c", f"echo suspend > {folder / 'control'}", check=False)
+        assert "Connection timed out" in result.stderr
+        assert time.monotonic() - started < 5
+        # The rest of the host, and what libvirt knows without asking QEMU, still answer.
+        started = time.monotonic()
+        for _ in range(5):
+            assert (folder / "state").read_text() == "running\n"
+            assert stuck_guest in os.listdir(host / "domains")
+            assert "libvirt-version" in (host / "info").read_text()
+        assert time.monotonic() - started < 5
+        assert "is not answering" not in mounted.log()
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+    # QEMU carries the word out after all: the log says so, and the tree shows it.
+    eventually(lambda: _assert((folder / "state").read_text() == "paused\n"), timeout=20)
+    eventually(lambda: _assert("domain suspend on qemu:///system succeeded after it had "
+                               "timed out" in mounted.log()), timeout=10)
