@@ -225,6 +225,21 @@ def test_100_mb_into_xml_or_control_fails_at_once_in_bounded_memory(
     assert (domains / "test" / "state").read_text() == "running\n"
 
 
+
+def test_scratch_files_cannot_fill_the_mounts_memory(demo: Mounted, domains: Path) -> None:
+    # Each scratch file may hold 16 MiB, but there was no bound on how many: 40 of them in
+    # pending folders took 700 MiB of the mount's memory, and nothing stopped a thousand.
+    os.mkdir(domains / "junk")
+    result = sh(f"for i in $(seq 1 40); do head -c 16000000 /dev/zero > {domains}/junk/f$i "
+                f"|| exit 1; done", check=False)
+    assert "No space left on device" in result.stderr
+    assert peak_memory_mib(demo) < 700
+    assert "No space left on device" in sh(f"getfattr -d {domains}/junk/*").stdout
+    sh(f"rm {domains}/junk/*")  # what was held is given back
+    write_file(domains / "junk" / "again", b"\0" * 16_000_000)
+    assert (domains / "test" / "state").read_text() == "running\n"
+
+
 def test_a_control_word_with_10000_arguments_is_refused(domains: Path) -> None:
     words = "wait shutoff " + " ".join(["1"] * 10_000)
     result = sh(f"echo '{words}' > {domains}/test/control", check=False)
