@@ -234,7 +234,7 @@ def test_scratch_files_cannot_fill_the_mounts_memory(demo: Mounted, domains: Pat
                 f"|| exit 1; done", check=False)
     assert "No space left on device" in result.stderr
     assert peak_memory_mib(demo) < 700
-    assert "No space left on device" in sh(f"getfattr -d {domains}/junk/*").stdout
+    assert "in total" in sh(f"getfattr -d {domains}/junk/*").stdout
     sh(f"rm {domains}/junk/*")  # what was held is given back
     write_file(domains / "junk" / "again", b"\0" * 16_000_000)
     assert (domains / "test" / "state").read_text() == "running\n"
