@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import itertools
 import logging
 import os
 import stat
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -33,6 +36,13 @@ log = logging.getLogger(__name__)
 def fs_error(err: int, message: str) -> OSError:
     """An error the vfs reports with errno `err`; `message` is for the user (user.error)."""
     return OSError(err, message)
+
+
+MAX_HELD_BYTES = 256 * 1024 * 1024
+
+
+class Holder(Protocol):
+    def held_bytes(self) -> int: ...
 
 
 @dataclass
@@ -51,9 +61,26 @@ class Context:
     entry_changed: Callable[[Directory, str, Node | None], None] = (
         lambda directory, name, gone: None)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    # What scratch files and open writers hold in memory (see hold()).
+    _holders: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 
     def new_id(self) -> int:
         return next(self._ids)
+
+    def hold(self, holder: Holder, size: int, path: str) -> None:
+        """Let `holder` keep `size` bytes, or refuse with ENOSPC: each scratch file and
+        writer is bounded, but their number is not, and together they must not fill the
+        mount's memory."""
+        for attempt in range(2):
+            others = sum(h.held_bytes() for h in self._holders if h is not holder)
+            if others + size <= MAX_HELD_BYTES:
+                self._holders.add(holder)
+                return
+            if attempt == 0:
+                gc.collect()  # folders that went may still hold theirs in a cycle
+        raise fs_error(errno.ENOSPC, f"{path}: files being written hold at most "
+                                     f"{MAX_HELD_BYTES} bytes of this mount's memory in "
+                                     f"total; remove scratch files no longer needed")
 
     @staticmethod
     def now() -> float:

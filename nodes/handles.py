@@ -92,6 +92,8 @@ class DocumentHandle(Handle):
             offset = len(self.data)
         end = offset + len(buf)
         self.node.check_size(max(end, len(self.data)))
+        if end > len(self.data):
+            self.node.ctx.hold(self, end, self.node.path)
         if offset > len(self.data):
             self.data.extend(b"\0" * (offset - len(self.data)))
         self.data[offset:end] = buf
@@ -101,6 +103,8 @@ class DocumentHandle(Handle):
     async def truncate(self, size: int) -> None:
         try:
             self.node.check_size(size)
+            if size > len(self.data):
+                self.node.ctx.hold(self, size, self.node.path)
         except OSError as e:
             self.node.record_error(e)
             raise
@@ -109,6 +113,12 @@ class DocumentHandle(Handle):
         else:
             self.data.extend(b"\0" * (size - len(self.data)))
         self.dirty = True
+
+    def held_bytes(self) -> int:
+        return len(self.data)
+
+    async def release(self) -> None:
+        self.data = bytearray()  # given back at once, whoever still refers to the handle
 
     async def flush(self) -> None:
         if self.failed is not None:

@@ -201,7 +201,7 @@ class ObjectDirectory(Directory):
 
     async def remove(self, name: str, *, directory: bool) -> None:
         if name in self._scratch:
-            del self._scratch[name]
+            self._scratch.pop(name).data = b""  # its memory is given back (Context.hold)
             self.touch()
             return
         node = (await self.children()).get(name)

@@ -52,7 +52,11 @@ class ScratchFile(File):
             await self.truncate(0)
         return await super().open_handle(flags)
 
+    def held_bytes(self) -> int:
+        return 0 if self.replaced is not None else len(self.data)
+
     async def commit(self, data: bytes) -> None:
+        self.ctx.hold(self, len(data), self.path)
         self.data = data
         self.touch()
 

@@ -285,8 +285,8 @@ def test_two_sed_i_at_once_each_commit_a_whole_document(domains: Path) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="a network's control lists one word, so a saved copy "
-                   "written back by a program not in FILE_COPIERS (Python's copytree, Ansible's "
-                   "copy module) is that word: the copy cannot be told from echo stop > control")
+                   "written back by a program not in FILE_COPIERS (Python's shutil.copytree, "
+                   "say) is that word: the copy cannot be told from echo stop > control")
 def test_restoring_a_saved_network_with_python_copytree_does_not_stop_it(
         demo: Mounted, tmp_path: Path) -> None:
     networks = demo.host() / "networks"
