@@ -212,13 +212,18 @@ def test_a_stuck_qemu_monitor_leaves_the_host_answering(mount_factory, qemu_uri:
         result = run("bash", "-c", f"echo suspend > {folder / 'control'}", check=False)
         assert "Connection timed out" in result.stderr
         assert time.monotonic() - started < 5
-        # The rest of the host, and what libvirt knows without asking QEMU, still answer.
-        started = time.monotonic()
+        # The rest of the host, and what libvirt knows without asking QEMU, still answer,
+        # each read well within the call timeout (2 s): none waits one out.
+        reads = [lambda: (folder / "state").read_text() == "running\n",
+                 lambda: stuck_guest in os.listdir(host / "domains"),
+                 lambda: "libvirt-version" in (host / "info").read_text()]
+        slowest = 0.0
         for _ in range(5):
-            assert (folder / "state").read_text() == "running\n"
-            assert stuck_guest in os.listdir(host / "domains")
-            assert "libvirt-version" in (host / "info").read_text()
-        assert time.monotonic() - started < 5
+            for read in reads:
+                started = time.monotonic()
+                assert read()
+                slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 2, f"a read took {slowest:.1f} s"
         assert "is not answering" not in mounted.log()
     finally:
         os.kill(qemu, signal.SIGCONT)
