@@ -267,8 +267,11 @@ class MountSession(RuleBasedStateMachine):
         self.pending: set[str] = set()
         # Files tools left in object folders (folder -> names), which listings show too.
         self.scratch: dict[str, set[str]] = {}
-        # Whether the step just taken is followed by a comparison of the whole tree.
+        # Whether the step just taken is followed by a comparison of the whole tree, and
+        # whether the tree may take a while to follow it (a change made elsewhere).
         self.look = True
+        self.elsewhere = False
+        self.cache_timeout = 1.0
         # Object folders a recursive delete walked: (domain uuid, snapshot or None) ->
         # (when, whether another program's rmdir was refused since).
         # (refused: None while it is not known whether the folder was walked.)
@@ -277,10 +280,13 @@ class MountSession(RuleBasedStateMachine):
         self.undefine: set[str] = set()
         self.snapshot_flags: dict[str, str] = {}
 
-    @initialize()
-    def mount_fresh_host(self) -> None:
+    @initialize(cache_timeout=st.sampled_from(["1", "0.2", "0"]))
+    def mount_fresh_host(self, cache_timeout: str) -> None:
+        """The default cache time, a short one, and none (docs/tree.md, "Caching")."""
         reset_host(self.conn)
-        self.mount = InProcessMount(self.workdir / "mnt", URI)
+        self.cache_timeout = float(cache_timeout)
+        self.mount = InProcessMount(self.workdir / "mnt", URI,
+                                    options=f"cache_timeout={cache_timeout}")
         self.mount.start()
 
     def teardown(self) -> None:
@@ -775,10 +781,11 @@ class MountSession(RuleBasedStateMachine):
         if folder not in before:
             return
         # It walked every snapshot's folder, and the domain's unless it only emptied
-        # snapshots/ (rm, find and rmtree end with an rmdir of the folder they were given).
+        # snapshots/ (rm, find and rmtree end with an rmdir of the folder they were given;
+        # the `current` link counts as the domain's, nodes/snapshots.py).
         domain = before[folder]
         walked = [(domain.uuid, name) for name, _ in domain.snapshots]
-        if not inner or tool != "rsync --delete":
+        if not inner or tool != "rsync --delete" or domain.current:
             walked.append((domain.uuid, None))
         now = time.monotonic()
         for key in walked:
@@ -787,6 +794,32 @@ class MountSession(RuleBasedStateMachine):
         with contextlib.suppress(OSError):
             if folder in self.scratch:
                 self.scratch[folder] &= set(os.listdir(self.domains / folder))
+
+    # -- changes made elsewhere (virsh) ---------------------------------------------------
+
+    @step(folder=FOLDERS,
+          change=st.sampled_from(["define", "undefine", "redefine", "start", "destroy"]))
+    def change_elsewhere(self, folder: str, change: str) -> None:
+        """What virsh does to the same host; the mount follows (see tree_matches_libvirt)."""
+        before = self.truth()
+        domain = before.get(folder)
+        name = NAME_OF[folder]
+        removable = (domain is not None and domain.state == "shutoff" and not domain.snapshots
+                     and not domain.managed_save)
+        if change == "define" and not self.exists(folder, before):
+            self.conn.defineXML(domain_document(name, 65536).decode())
+        elif change in ("undefine", "redefine") and removable:
+            self.conn.lookupByUUIDString(domain.uuid).undefine()
+            self.forget_domain(domain.uuid)
+            if change == "redefine":  # the same name, a new UUID
+                self.conn.defineXML(domain_document(name, 131072).decode())
+        elif change == "start" and domain is not None and domain.state == "shutoff":
+            self.conn.lookupByUUIDString(domain.uuid).createWithFlags(0)
+        elif change == "destroy" and domain is not None and domain.state != "shutoff":
+            self.conn.lookupByUUIDString(domain.uuid).destroy()
+        else:
+            return
+        self.elsewhere = True
 
     # -- reading with tools ------------------------------------------------------------
 
@@ -809,8 +842,23 @@ class MountSession(RuleBasedStateMachine):
     def tree_matches_libvirt(self) -> None:
         if self.mount is None:
             return
-        if not self.look:
-            return
+        if self.elsewhere:
+            # A change made elsewhere shows once its event arrives, at the latest when
+            # the cache time has run out (docs/tree.md, "Events").
+            self.elsewhere = False
+            deadline = time.monotonic() + self.cache_timeout + 2.0
+            while True:
+                try:
+                    self.compare_tree()
+                    return
+                except (AssertionError, FileNotFoundError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        if self.look:
+            self.compare_tree()
+
+    def compare_tree(self) -> None:
         truth = self.truth()
         listed = set(os.listdir(self.domains))
         assert listed == set(truth) | self.pending, (
