@@ -247,6 +247,21 @@ def test_a_control_word_with_10000_arguments_is_refused(domains: Path) -> None:
     assert (domains / "test" / "state").read_text() == "running\n"
 
 
+
+def test_user_error_stays_readable_after_a_huge_refused_word(domains: Path) -> None:
+    # The message quotes the word; 70,000 bytes made user.error longer than an extended
+    # attribute can be (64 KiB), so getfattr failed with E2BIG and the reason was lost.
+    control = domains / "test" / "control"
+    fd = os.open(control, os.O_WRONLY)
+    try:
+        expect_errno(errno.EINVAL, os.write, fd, b"x" * 70_000 + b"\n")
+    finally:
+        os.close(fd)
+    message = user_error(control)
+    assert message.startswith("unknown control word 'xxx")
+    assert len(message) < 8192
+
+
 # -- races -------------------------------------------------------------------------------
 
 def test_racing_mkdirs_of_one_name_make_one_folder(domains: Path, snapshots: Path) -> None:
