@@ -39,6 +39,8 @@ def fs_error(err: int, message: str) -> OSError:
 
 
 MAX_HELD_BYTES = 256 * 1024 * 1024
+# user.error must stay readable: an extended attribute holds 64 KiB at most.
+MAX_ERROR_CHARS = 4000
 
 
 class Holder(Protocol):
@@ -178,7 +180,11 @@ class Node:
         raise fs_error(errno.ENODATA, f"{self.path} has no attribute {name}")
 
     def record_error(self, error: OSError) -> None:
-        self.last_error = error.strerror or str(error)
+        message = error.strerror or str(error)
+        if len(message) > MAX_ERROR_CHARS:  # it may quote what was written, at any length
+            message = (f"{message[:MAX_ERROR_CHARS]}... "
+                       f"({len(message) - MAX_ERROR_CHARS} more characters)")
+        self.last_error = message
         log.warning("%s: %s", self.path, self.last_error)
 
     @contextlib.contextmanager
