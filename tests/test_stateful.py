@@ -273,8 +273,8 @@ class MountSession(RuleBasedStateMachine):
         self.elsewhere = False
         self.cache_timeout = 1.0
         # Object folders a recursive delete walked: (domain uuid, snapshot or None) ->
-        # (when, whether another program's rmdir was refused since).
-        # (refused: None while it is not known whether the folder was walked.)
+        # (when, whether another program's rmdir was refused since; None: not known
+        # whether it was walked at all).
         self.guards: dict[tuple[str, str | None], tuple[float, bool | None]] = {}
         # user.undefine-flags on domains/, and user.flags on each domain's snapshots/.
         self.undefine: set[str] = set()
