@@ -5,7 +5,7 @@ Written out rather than derived from constant names: libvirt reuses prefixes for
 words the tree itself reasons with (domain states) live in nodes/words.py.
 """
 
-from libvirtfs.nodes.words import DOMAIN_STATES
+from libvirtfs.nodes.words import DOMAIN_STATES, POOL_STATES
 
 DOMAIN_REASONS: dict[str, list[str]] = {
     "nostate": ["unknown"],
@@ -22,8 +22,6 @@ DOMAIN_REASONS: dict[str, list[str]] = {
     "crashed": ["unknown", "panicked"],
     "pmsuspended": ["unknown"],
 }
-
-POOL_STATES = ["inactive", "building", "running", "degraded", "inaccessible"]
 
 VOLUME_TYPES = ["file", "block", "dir", "network", "netdir", "ploop"]
 

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import errno
-import math
 from typing import Any
-
-import trio
 
 from libvirtfs.nodes.base import Entry, QueryFile, fs_error
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
 from libvirtfs.nodes.words import (
-    CONTROL_WORDS,
     DOMAIN_STATES,
     DOMAIN_WORDS_BY_STATE,
     UNDEFINE_FLAGS,
     parse_words,
 )
-
-DEFAULT_WAIT_SECONDS = 60.0
-# A writer waits inside write(), where no signal reaches it: keep that bounded.
-MAX_WAIT_SECONDS = 3600.0
-WAIT_POLL_SECONDS = 0.1
-
 
 UNDEFINE = "user.undefine-flags"
 
@@ -76,6 +66,7 @@ class DomainsDirectory(CollectionDirectory):
 
 class DomainDirectory(ObjectDirectory):
     kind = "domain"
+    states = DOMAIN_STATES
     served_names = ObjectDirectory.served_names | {"live.xml", "snapshots"}
 
     async def state(self) -> str:
@@ -96,44 +87,14 @@ class DomainDirectory(ObjectDirectory):
         ]
 
     async def words(self) -> list[str]:
-        return [*DOMAIN_WORDS_BY_STATE.get(await self.state(), []), "wait"]
+        return DOMAIN_WORDS_BY_STATE.get(await self.state(), [])
 
-    async def control(self, word: str, arguments: list[str]) -> None:
-        if word == "wait":
-            await self.wait(arguments)
-        elif word in CONTROL_WORDS["domain"] and not arguments:
-            # Checked here so that every hypervisor refuses alike (the test driver calls a
-            # wrong state an internal error).
-            state = await self.state()
-            valid = DOMAIN_WORDS_BY_STATE.get(state, [])
-            if word not in valid:
-                raise fs_error(errno.EBUSY, f"{word} is not possible while the domain is "
-                                            f"{state}; valid now: {', '.join([*valid, 'wait'])}")
-            await super().control(word, arguments)
-        else:
-            raise fs_error(errno.EINVAL, f"unknown control word {' '.join([word, *arguments])!r}"
-                                         f"; the words are: "
-                                         f"{', '.join(CONTROL_WORDS['domain'])}, wait")
-
-    async def wait(self, arguments: list[str]) -> None:
-        """`wait STATE [SECONDS]`: return once the domain is in STATE."""
-        if not 1 <= len(arguments) <= 2 or arguments[0] not in DOMAIN_STATES:
-            raise fs_error(errno.EINVAL, f"usage: wait STATE [SECONDS], STATE one of "
-                                         f"{', '.join(DOMAIN_STATES)}")
-        target = arguments[0]
-        try:
-            seconds = float(arguments[1]) if len(arguments) == 2 else DEFAULT_WAIT_SECONDS
-        except ValueError:
-            seconds = math.nan
-        if not 0 <= seconds <= MAX_WAIT_SECONDS:  # also refuses nan and inf
-            raise fs_error(errno.EINVAL, f"wait: {arguments[1]!r} is not a number of seconds "
-                                         f"from 0 to {MAX_WAIT_SECONDS:g}")
-        deadline = trio.current_time() + seconds
-        while await self.state() != target:
-            if trio.current_time() >= deadline:
-                break
-            await trio.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - trio.current_time())))
-        else:
-            return
-        raise fs_error(errno.ETIMEDOUT, f"the domain did not reach {target} within "
-                                        f"{seconds:g} s")
+    async def carry_out(self, word: str) -> None:
+        # Checked here so that every hypervisor refuses alike (the test driver calls a
+        # wrong state an internal error).
+        state = await self.state()
+        valid = DOMAIN_WORDS_BY_STATE.get(state, [])
+        if word not in valid:
+            raise fs_error(errno.EBUSY, f"{word} is not possible while the domain is "
+                                        f"{state}; valid now: {', '.join([*valid, 'wait'])}")
+        await super().carry_out(word)

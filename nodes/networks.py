@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
+from libvirtfs.nodes.words import NETWORK_STATES
 
 
 class NetworksDirectory(CollectionDirectory):
@@ -19,6 +20,7 @@ class NetworksDirectory(CollectionDirectory):
 
 class NetworkDirectory(ObjectDirectory):
     kind = "network"
+    states = NETWORK_STATES
 
     async def state(self) -> str:
         return await self.host.network_state(self.key)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ rmdir, mv), so an rmdir never races a `start` into a transient running domain; a
 from __future__ import annotations
 
 import errno
+import math
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,10 +32,17 @@ if TYPE_CHECKING:
     from libvirtfs.nodes.backend import Host
 
 
+DEFAULT_WAIT_SECONDS = 60.0
+# A writer waits inside write(), where no signal reaches it: keep that bounded.
+MAX_WAIT_SECONDS = 3600.0
+WAIT_POLL_SECONDS = 0.1
+
+
 class ObjectDirectory(Directory):
     """One libvirt object; `key` is None while it is pending (made by mkdir, not defined)."""
 
     kind: ClassVar[str]
+    states: ClassVar[list[str]]  # what `state` can say, and so what `wait` takes
     # Every name `served()` gives: never a scratch file's, even while pending.
     served_names: ClassVar[frozenset[str]] = frozenset({"state", "info", "xml", "autostart",
                                                         "control"})
@@ -98,15 +106,47 @@ class ObjectDirectory(Directory):
         """The control words that make sense now (reading `control`)."""
         raise NotImplementedError
 
+    async def listed_words(self) -> list[str]:
+        """What reading `control` shows: the words valid now, then `wait`, always.  So the
+        listing is never one valid word, and a saved `control` copied back (by any program)
+        is refused instead of carried out."""
+        return [*await self.words(), "wait"]
+
     async def control(self, word: str, arguments: list[str]) -> None:
+        if word == "wait":
+            await self.wait(arguments)
+            return
         words = CONTROL_WORDS[self.kind]
         if word not in words or arguments:
             raise fs_error(errno.EINVAL, f"unknown control word "
                                          f"{' '.join([word, *arguments])!r}; the words are: "
-                                         f"{', '.join(words)}")
+                                         f"{', '.join([*words, 'wait'])}")
+        await self.carry_out(word)
+
+    async def carry_out(self, word: str) -> None:
         async with self.lock:
             await self.host.control(self.kind, self.key, word)  # type: ignore[arg-type]
         self.invalidate_all()
+
+    async def wait(self, arguments: list[str]) -> None:
+        """`wait STATE [SECONDS]`: return once `state` says STATE (ETIMEDOUT after SECONDS)."""
+        if not 1 <= len(arguments) <= 2 or arguments[0] not in self.states:
+            raise fs_error(errno.EINVAL, f"usage: wait STATE [SECONDS], STATE one of "
+                                         f"{', '.join(self.states)}")
+        target = arguments[0]
+        try:
+            seconds = float(arguments[1]) if len(arguments) == 2 else DEFAULT_WAIT_SECONDS
+        except ValueError:
+            seconds = math.nan
+        if not 0 <= seconds <= MAX_WAIT_SECONDS:  # also refuses nan and inf
+            raise fs_error(errno.EINVAL, f"wait: {arguments[1]!r} is not a number of seconds "
+                                         f"from 0 to {MAX_WAIT_SECONDS:g}")
+        deadline = trio.current_time() + seconds
+        while await self.state() != target:
+            if trio.current_time() >= deadline:
+                raise fs_error(errno.ETIMEDOUT, f"the {self.kind} did not reach {target} "
+                                                f"within {seconds:g} s")
+            await trio.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - trio.current_time())))
 
     def invalidate_all(self) -> None:
         for node in self.walk_known():
@@ -136,7 +176,7 @@ class ObjectDirectory(Directory):
             Entry("info", "info", lambda: QueryFile(ctx, info)),
             Entry("xml", "xml", lambda: DefinitionFile(ctx, self)),
             Entry("autostart", "autostart", lambda: FlagFile(ctx, autostart, set_autostart)),
-            Entry("control", "control", lambda: ControlFile(ctx, self.words, self.control)),
+            Entry("control", "control", lambda: ControlFile(ctx, self.listed_words, self.control)),
             *self.extra_served(),
         ]
 

@@ -7,6 +7,7 @@ from typing import Any
 from libvirtfs.nodes.base import Entry, QueryFile
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
 from libvirtfs.nodes.render import key_values, word
+from libvirtfs.nodes.words import POOL_STATES
 from libvirtfs.nodes.writable import DefinitionFile
 
 POOL_WORDS_BY_STATE = {"inactive": ["start", "build"], "running": ["stop", "refresh"],
@@ -26,6 +27,7 @@ class PoolsDirectory(CollectionDirectory):
 
 class PoolDirectory(ObjectDirectory):
     kind = "pool"
+    states = POOL_STATES
     served_names = ObjectDirectory.served_names | {"volumes"}
 
     async def state(self) -> str:

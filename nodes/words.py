@@ -13,6 +13,10 @@ import errno
 DOMAIN_STATES = ["nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed",
                  "pmsuspended"]
 
+# `state` of a pool (virStoragePoolState) and of a network.
+POOL_STATES = ["inactive", "building", "running", "degraded", "inaccessible"]
+NETWORK_STATES = ["active", "inactive"]
+
 # Which domain words make sense in which state, for reading `control`.
 DOMAIN_WORDS_BY_STATE: dict[str, list[str]] = {
     "shutoff": ["start", "start-paused"],
@@ -25,7 +29,9 @@ DOMAIN_WORDS_BY_STATE: dict[str, list[str]] = {
     "nostate": ["destroy"],
 }
 
-# kind -> the words its `control` file takes (a domain's also takes `wait`, see domains.py).
+# kind -> the words its `control` file takes; every `control` also takes `wait STATE
+# [SECONDS]` (objects.py), and always lists it, so that a saved `control` copied back is
+# never one valid word.
 CONTROL_WORDS: dict[str, list[str]] = {
     "domain": ["start", "start-paused", "shutdown", "reboot", "reset", "destroy", "suspend",
                "resume", "managed-save"],

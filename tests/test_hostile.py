@@ -299,14 +299,11 @@ def test_two_sed_i_at_once_each_commit_a_whole_document(domains: Path) -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason="a network's control lists one word, so a saved copy "
-                   "written back by a program not in FILE_COPIERS (Python's shutil.copytree, "
-                   "say) is that word: the copy cannot be told from echo stop > control")
 def test_restoring_a_saved_network_with_python_copytree_does_not_stop_it(
         demo: Mounted, tmp_path: Path) -> None:
     networks = demo.host() / "networks"
     run("cp", "-r", networks / "default", tmp_path / "saved")
-    assert (tmp_path / "saved" / "control").read_text() == "stop\n"
+    assert (tmp_path / "saved" / "control").read_text() == "stop\nwait\n"
     with pytest.raises(shutil.Error):  # state and info are read-only: refused, rightly
         shutil.copytree(tmp_path / "saved", networks / "default", dirs_exist_ok=True)
     assert (networks / "default" / "state").read_text() == "active\n"

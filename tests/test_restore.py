@@ -141,7 +141,7 @@ def test_a_saved_control_file_copied_back_does_nothing(demo: Mounted, tmp_path: 
     os.mkdir(lab)
     write_file(lab / "xml", NETWORK)
     run("cp", "-r", lab, tmp_path / "saved")
-    assert (tmp_path / "saved" / "control").read_text() == "start\n"
+    assert (tmp_path / "saved" / "control").read_text() == "start\nwait\n"
     result = run("cp", "-r", f"{tmp_path / 'saved'}/.", f"{lab}/", check=False)
     assert (lab / "state").read_text() == "inactive\n"
     assert result.returncode and "control" in result.stderr

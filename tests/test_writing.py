@@ -372,7 +372,7 @@ def test_pools_and_volumes_by_mkdir_write_control_and_rmdir(demo: Mounted,
     pool = pools / "scratch"
     assert (pool / "state").read_text() == "inactive\n"
     assert (pool / "xml").read_text() == document
-    assert (pool / "control").read_text() == "start\nbuild\n"
+    assert (pool / "control").read_text() == "start\nbuild\nwait\n"
     sh(f"echo build > {pool / 'control'}")
     sh(f"echo start > {pool / 'control'}")
     assert (pool / "state").read_text() == "running\n"
@@ -398,13 +398,31 @@ def test_pools_and_volumes_by_mkdir_write_control_and_rmdir(demo: Mounted,
     assert "scratch" not in os.listdir(pools)
 
 
+def test_wait_works_for_pools_and_networks_too(demo: Mounted) -> None:
+    """Every control file takes `wait STATE [SECONDS]`, with the states its `state` shows."""
+    network = demo.host() / "networks" / "default"
+    pool = demo.host() / "pools" / "default-pool"
+    sh(f"echo 'wait active 0' > {network / 'control'}")
+    sh(f"echo 'wait running 0' > {pool / 'control'}")
+    result = sh(f"echo 'wait inactive 0.2' > {network / 'control'}", check=False)
+    assert "timed out" in result.stderr
+    assert "did not reach inactive" in user_error(network / "control")
+    result = sh(f"echo 'wait shutoff 1' > {pool / 'control'}", check=False)
+    assert "Invalid argument" in result.stderr
+    assert "inactive, building, running, degraded, inaccessible" in user_error(
+        pool / "control")
+    sh(f"echo stop > {network / 'control'}")
+    sh(f"echo 'wait inactive 5' > {network / 'control'}")
+    assert (network / "state").read_text() == "inactive\n"
+
+
 def test_networks_by_mkdir_write_control_and_rmdir(demo: Mounted) -> None:
     networks = demo.host() / "networks"
     run("mkdir", networks / "lab")
     write_file(networks / "lab" / "xml", NETWORK)
     lab = networks / "lab"
     assert (lab / "state").read_text() == "inactive\n"
-    assert (lab / "control").read_text() == "start\n"
+    assert (lab / "control").read_text() == "start\nwait\n"
     sh(f"echo start > {lab / 'control'}")
     assert (lab / "state").read_text() == "active\n"
     expect_errno(errno.EBUSY, os.rmdir, lab)
