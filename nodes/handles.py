@@ -31,6 +31,10 @@ def opens_for_writing(flags: int) -> bool:
 class Handle:
     """One open file.  The base refuses what its subclasses do not allow."""
 
+    # Whether a write() may wait long (a control word's `wait`): the vfs then watches the
+    # writer, so that `kill -9` lets it go.  Buffered writes return at once.
+    writes_may_wait = False
+
     def __init__(self, node: File) -> None:
         self.node = node
 
@@ -135,6 +139,7 @@ class WordHandle(Handle):
     """Carries out each write() at once, so the writer gets libvirt's answer there."""
 
     node: WordFile
+    writes_may_wait = True
 
     def __init__(self, node: WordFile) -> None:
         super().__init__(node)

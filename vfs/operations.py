@@ -90,7 +90,8 @@ class Operations(pyfuse3.Operations):
         self.kernel_cache = KernelCache(self.inodes)
         self.callers = CallerInodes(ctx, self.inodes)
         self.pending = Pending()
-        self._writers: dict[int, int] = {}  # fh -> the program that opened it to write
+        # fh -> the program that opened it, for handles whose writes may wait long
+        self._writers: dict[int, int] = {}
         ctx.changed = self.kernel_cache.node_changed
         ctx.entry_changed = self.kernel_cache.entry_changed
 
@@ -352,8 +353,10 @@ class Operations(pyfuse3.Operations):
             return self._file_info(await node.open_handle(flags))
         self._check_writable_mount()
         with calling(ctx.pid) as caller:  # who writes decides what control takes (guard.py)
-            info = self._file_info(await node.open_handle(flags))
-        self._writers[info.fh] = caller.pid
+            handle = await node.open_handle(flags)
+        info = self._file_info(handle)
+        if handle.writes_may_wait:
+            self._writers[info.fh] = caller.pid
         return info
 
     def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
@@ -378,7 +381,8 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles.get(fh)
-        # A control word may wait long; a writer killed meanwhile must be let go.
+        # A control word may wait long; a writer killed meanwhile must be let go.  Other
+        # writes only fill a buffer: no watcher for them (pid 0).
         return await unless_killed(self._writers.get(fh, 0),
                                    lambda: handle.write(off, buf))
 
