@@ -89,7 +89,7 @@ class DomainDirectory(ObjectDirectory):
     async def words(self) -> list[str]:
         return DOMAIN_WORDS_BY_STATE.get(await self.state(), [])
 
-    async def carry_out(self, word: str) -> None:
+    async def check_word(self, word: str) -> None:
         # Checked here so that every hypervisor refuses alike (the test driver calls a
         # wrong state an internal error).
         state = await self.state()
@@ -97,4 +97,3 @@ class DomainDirectory(ObjectDirectory):
         if word not in valid:
             raise fs_error(errno.EBUSY, f"{word} is not possible while the domain is "
                                         f"{state}; valid now: {', '.join([*valid, 'wait'])}")
-        await super().carry_out(word)

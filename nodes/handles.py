@@ -141,9 +141,6 @@ class WordHandle(Handle):
     node: WordFile
     writes_may_wait = True
 
-    def __init__(self, node: WordFile) -> None:
-        super().__init__(node)
-
     async def write(self, offset: int, buf: bytes) -> int:
         with self.node.reporting():
             await self.node.execute(buf)

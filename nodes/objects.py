@@ -125,8 +125,13 @@ class ObjectDirectory(Directory):
 
     async def carry_out(self, word: str) -> None:
         async with self.lock:
+            await self.check_word(word)
             await self.host.control(self.kind, self.key, word)  # type: ignore[arg-type]
         self.invalidate_all()
+
+    async def check_word(self, word: str) -> None:
+        """Refuse a word the object's state does not allow (under its lock, so that two
+        writers cannot both pass the check); libvirt decides unless a kind says here."""
 
     async def wait(self, arguments: list[str]) -> None:
         """`wait STATE [SECONDS]`: return once `state` says STATE (ETIMEDOUT after SECONDS)."""
@@ -395,6 +400,8 @@ class CollectionDirectory(Directory):
             raise fs_error(errno.EEXIST, f"{self.path}/{new_name} exists; libvirtfs never "
                                          f"replaces an object by renaming another")
         if node.key is None:
+            if node.lock.locked():  # its define names the object by the folder's name
+                raise fs_error(errno.EBUSY, f"{node.path}: its xml is being defined now")
             self._pending.pop(name, None)
             node.name = new_name
             self._pending[new_name] = node

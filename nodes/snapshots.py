@@ -166,6 +166,7 @@ class SnapshotsDirectory(Directory):
         if name in self._pending:
             raise fs_error(errno.EEXIST, f"{self.path}/{name} exists (waiting for its xml)")
         flags = self.words(FLAGS)
+        flags_set = self.settings.get(FLAGS)
         description = self.description()
         template = self.settings.get(TEMPLATE)
         # A folder that cp, tar or rsync makes here is a saved snapshot being copied back:
@@ -186,7 +187,8 @@ class SnapshotsDirectory(Directory):
         else:
             await self.host.create_snapshot(self.domain_uuid, snapshot, flags, description,
                                             template)
-            self.settings.pop(FLAGS, None)  # used up: one snapshot's flags
+            if self.settings.get(FLAGS) is flags_set:  # not set anew meanwhile
+                self.settings.pop(FLAGS, None)  # used up: one snapshot's flags
         self.last_error = ""
         await self.refresh_after_change(domain=True)
         made = self._by_name.get(name)

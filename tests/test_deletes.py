@@ -15,6 +15,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,50 @@ def test_rmdir_of_a_pending_folder_being_defined_is_ebusy(mount_factory, tmp_pat
         writer.join()
         rules.write_text("")
     assert (domains / "web" / "state").read_text() == "shutoff\n"
+
+
+def test_mv_of_a_pending_folder_being_defined_is_ebusy(mount_factory, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    """The define names the domain by the folder's name: a rename meanwhile would leave a
+    folder called www serving the domain web."""
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    mounted = mount_factory("test:///default")
+    domains = mounted.host() / "domains"
+    os.mkdir(domains / "web")
+    rules.write_text("test:///default delay 2 define\n")  # the define alone is slow
+    writer = threading.Thread(target=write_file, args=(domains / "web" / "xml", WEB))
+    writer.start()
+    time.sleep(0.5)
+    try:
+        expect_errno(errno.EBUSY, os.rename, domains / "web", domains / "www")
+        assert "being defined" in user_error(domains)
+    finally:
+        writer.join()
+        rules.write_text("")
+    assert sorted(os.listdir(domains)) == ["test", "web"]
+    assert (domains / "web" / "state").read_text() == "shutoff\n"
+
+
+def test_two_shells_starting_one_domain_at_once(mount_factory, tmp_path: Path,
+                                               monkeypatch) -> None:
+    """One start wins; the other is refused as any start of a running domain is (EBUSY),
+    never libvirt's internal error."""
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    mounted = mount_factory("test:///default")
+    web = mounted.host() / "domains" / "web"
+    os.mkdir(web)
+    write_file(web / "xml", WEB)
+    rules.write_text("test:///default delay 0.3\n")  # widen the race
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(
+            lambda _: sh(f"echo start > {web / 'control'}", check=False), range(2)))
+    rules.write_text("")
+    assert sorted(r.returncode for r in results) == [0, 1], results
+    refused = next(r for r in results if r.returncode)
+    assert "Device or resource busy" in refused.stderr, refused.stderr
+    assert (web / "state").read_text() == "running\n"
 
 
 def test_rmdir_racing_start_never_leaves_a_transient_domain(web: Path, domains: Path,
