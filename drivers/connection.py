@@ -88,6 +88,8 @@ class Connection:
         self._in_flight: set[trio.CancelScope] = set()
         self._running: set[_Call] = set()  # calls whose threads are in libvirt now
         self._watcher: threading.Thread | None = None
+        # Set by close_now: the watcher stops, and no probe opens a connection again.
+        self._closing = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
 
     @property
@@ -98,10 +100,6 @@ class Connection:
     def connected(self) -> bool:
         """Whether a connection is open (as far as libvirt's close callback has said)."""
         return self._conn is not None
-
-    @property
-    def hung(self) -> bool:
-        return self._hung_since is not None
 
     def on_open(self, callback: OnOpen, on_close: OnClose | None = None) -> None:
         """Run `callback(conn)` (in the worker thread) each time the connection is (re)opened;
@@ -138,6 +136,9 @@ class Connection:
             return conn
 
     def _open_locked(self) -> libvirt.virConnect:
+        if self._closing.is_set():
+            raise DriverError(errno.ENOTCONN, f"the connection to {self.where} is closed: "
+                                              f"the filesystem is unmounting")
         if self._conn is not None:
             if _alive(self._conn):
                 return self._conn
@@ -275,8 +276,7 @@ class Connection:
         KICK_SECONDS: the probe's message unsticks libvirt's client.  With keepalive on
         (libvirt 9), while one call waits for a stuck QEMU monitor, the replies to other
         threads' calls may wait until another message is sent on the connection."""
-        while True:
-            time.sleep(KICK_SECONDS)
+        while not self._closing.wait(KICK_SECONDS):
             now = time.monotonic()
             with self._state_lock:
                 waiting = sorted(now - call.began for call in self._running)
@@ -287,7 +287,7 @@ class Connection:
 
     def _start_probe(self) -> None:
         with self._state_lock:
-            if self._probing:
+            if self._probing or self._closing.is_set():
                 return
             self._probing = True
         threading.Thread(target=self._probe, name="libvirtfs-liveness", daemon=True).start()
@@ -308,6 +308,7 @@ class Connection:
     def close_now(self) -> None:
         """Close the connection (blocking; for shutdown).  One that an abandoned call
         still uses is left to the end of the process."""
+        self._closing.set()
         with self._open_lock:
             if self._conn is not None:
                 self._lose(self._conn)

@@ -146,6 +146,8 @@ class Definitions:
         if written is None or not kind.record_in_libvirt:
             host_id, store = self._host(conn)
             written = store.get(host_id, kind.name, key)
+        if written is None:
+            return clean, None  # the usual case: no key to read
         return clean, records.verified(self.state.key(create=False),
                                        records.subject(kind.name, key), written)
 

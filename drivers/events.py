@@ -76,6 +76,8 @@ class EventForwarder:
         """Called in a worker thread each time the connection opens.  Events missed while
         the connection was down are lost, so a (re)open also says: everything may have
         changed."""
+        if conn in self._registered:
+            return  # on_open and the first call may both hand over the same connection
         self._send(Change("host", detail="connected"))
         domain = (conn.domainEventRegisterAny, conn.domainEventDeregisterAny)
         network = (conn.networkEventRegisterAny, conn.networkEventDeregisterAny)
