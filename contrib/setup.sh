@@ -10,6 +10,7 @@ PACKAGES=(
     libvirt-clients                                # virsh, which the tests compare against
     attr acl vim tar                               # getfattr/setfattr, setfacl, vim, tar: tools the tests drive
     rsync nodejs                                   # recursive deletes and restores the tests try
+    procps                                         # pgrep, with which tests find processes
 )
 
 missing=()

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return _background(argv)
 
     ready_pipe = os.fdopen(args.ready_fd, "wb") if args.ready_fd is not None else None
-    mountpoint = os.path.abspath(mountpoint)
+    mountpoint = os.path.realpath(mountpoint)  # as /proc/self/mountinfo names it
     if args.log_file:
         args.log_file = os.path.abspath(args.log_file)
     if ready_pipe is not None:

@@ -47,14 +47,18 @@ class Caller:
         if pid <= 0:
             return cls()
         try:
-            with open(f"/proc/{pid}/status") as f:
-                tgid = next((int(line.split()[1]) for line in f
-                             if line.startswith("Tgid:")), pid)
+            tgid = thread_group(pid)
             with open(f"/proc/{tgid}/comm") as f:
                 command = f.read().strip()
             return cls(tgid, command, command == "rmdir" and _ignores_non_empty(tgid))
         except (OSError, ValueError):
             return cls(pid)  # gone already, or in another pid namespace
+
+
+def thread_group(pid: int) -> int:
+    """The program (thread-group id) of thread `pid`; OSError once it is gone."""
+    with open(f"/proc/{pid}/status") as f:
+        return next((int(line.split()[1]) for line in f if line.startswith("Tgid:")), pid)
 
 
 def _ignores_non_empty(tgid: int) -> bool:

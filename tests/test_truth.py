@@ -458,3 +458,20 @@ def _listed_within(folder: Path, seconds: float) -> None:
                 raise
             time.sleep(0.05)
 
+
+
+def test_control_shows_its_new_size_at_once_after_a_word(mount_factory) -> None:
+    """`control` has an inode per program, which no invalidation reaches: stat must not
+    serve a size cached before the word changed what it lists."""
+    mounted = mount_factory("test:///default", options="cache_timeout=3600")
+    control = mounted.host() / "domains" / "test" / "control"
+    fd = os.open(control, os.O_RDONLY)  # held, as a watching program would
+    try:
+        assert os.fstat(fd).st_size == len(control.read_bytes())
+        sh(f"echo destroy > {control}")
+        listed = control.read_bytes()
+        assert listed.startswith(b"start\n")
+        assert os.fstat(fd).st_size == len(listed)
+        assert os.stat(control).st_size == len(listed)
+    finally:
+        os.close(fd)

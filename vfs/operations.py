@@ -19,8 +19,8 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from libvirtfs.nodes.base import Context, Directory, File, Node, Symlink, fs_error
-from libvirtfs.nodes.guard import Caller, calling
-from libvirtfs.nodes.handles import Handle
+from libvirtfs.nodes.guard import calling, thread_group
+from libvirtfs.nodes.handles import Handle, opens_for_writing
 from libvirtfs.vfs.callers import CallerInodes
 from libvirtfs.vfs.handles import HandleTable
 from libvirtfs.vfs.inodes import InodeTable
@@ -34,7 +34,6 @@ R = TypeVar("R")
 
 # Readdir offsets are node ids shifted past 0, 1 and 2, which some layers treat specially.
 _OFFSET_BASE = 3
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
 def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -64,6 +63,15 @@ _short_repr.maxstring = _short_repr.maxother = 80
 
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
+
+
+def _program(pid: int) -> int:
+    """The thread group of a request's thread (0: unknown); only /proc/PID/status is read,
+    since a lookup of `control` or `autostart` asks for it on every path walk."""
+    try:
+        return thread_group(pid) if pid > 0 else 0
+    except (OSError, ValueError):
+        return 0
 
 
 def _alive(node: Node) -> Node:
@@ -117,8 +125,10 @@ class Operations(pyfuse3.Operations):
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = inode or node.id
         attrs.generation = 0
-        attrs.entry_timeout = self.ctx.cache_timeout
-        attrs.attr_timeout = self.ctx.cache_timeout
+        # Files with an inode per program are looked up by each program anew, and their
+        # per-program inodes hear of no change: nothing about them is cached.
+        timeout = 0 if node.per_caller else self.ctx.cache_timeout
+        attrs.entry_timeout = attrs.attr_timeout = timeout
         permissions = node.permissions()
         if self.ctx.read_only and not isinstance(node, Symlink):
             permissions &= ~0o222
@@ -177,14 +187,13 @@ class Operations(pyfuse3.Operations):
                 return self._missing()
             node = found
             if node.per_caller and ctx is not None:
-                return await self._caller_entry(node, Caller.of(ctx.pid).pid)
+                return await self._caller_entry(node, _program(ctx.pid))
         return await self._entry(node)
 
     async def _caller_entry(self, node: Node, caller: int) -> pyfuse3.EntryAttributes:
         """`node` under the inode number of this program (vfs/callers.py)."""
         inode = self.callers.inode_for(node, caller)
         attrs = await self.attributes(node, inode)
-        attrs.entry_timeout = 0  # the next program's lookup must reach us
         self.inodes.remember(node, inode)
         return attrs
 
@@ -257,8 +266,6 @@ class Operations(pyfuse3.Operations):
                 # One object that cannot be read (gone, unsupported) must not break `ls`.
                 log.debug("readdir %s/%s: %s", directory.path, name, e)
                 continue
-            if node.per_caller:
-                attrs.entry_timeout = 0  # each program looks it up for itself
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, offset):
                 return
             self.inodes.remember(node)
@@ -349,7 +356,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, File):
             raise fs_error(errno.EISDIR, f"{node.path} is a folder")
-        if not flags & _WRITE_FLAGS:
+        if not opens_for_writing(flags):
             return self._file_info(await node.open_handle(flags))
         self._check_writable_mount()
         with calling(ctx.pid) as caller:  # who writes decides what control takes (guard.py)

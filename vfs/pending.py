@@ -93,5 +93,7 @@ def _being_killed(pid: int) -> bool:
                 if line.startswith("State:") and line.split()[1] in ("Z", "X"):
                     return True
     except (OSError, ValueError):
-        return True  # gone
+        # Gone: it is not the one stuck in this write (a program in a request cannot
+        # finish dying), so another holds the descriptor, and it is not being killed.
+        return False
     return False
