@@ -56,6 +56,9 @@ PROBE_SECONDS = 5.0
 # While one call waits, another running longer than this makes the watcher probe.
 KICK_SECONDS = 0.1
 
+# libvirt's own default for remote connections: a ping every 5 s, lost after 3 unanswered.
+DEFAULT_KEEPALIVE = (5, 3)
+
 OnOpen = Callable[[libvirt.virConnect], None]
 OnClose = Callable[[libvirt.virConnect], None]
 
@@ -64,10 +67,13 @@ class Connection:
     """One libvirt connection, opened lazily in a worker thread and reopened after a loss."""
 
     def __init__(self, uri: str | None, *, timeout: float = 30.0, read_only: bool = False,
-                 max_threads: int = 4) -> None:
+                 keepalive: tuple[int, int] = DEFAULT_KEEPALIVE, max_threads: int = 4) -> None:
         self.requested_uri = uri
         self.timeout = timeout
         self.read_only = read_only
+        # libvirt's keepalive (interval seconds, count): a remote daemon that stops
+        # answering without closing TCP is taken as lost after about interval * count s.
+        self.keepalive = keepalive
         # Calls running at once; an abandoned call leaves it, its thread stays counted in
         # `_threads` until it returns.
         self.limiter = trio.CapacityLimiter(max_threads)
@@ -91,6 +97,10 @@ class Connection:
         # Set by close_now: the watcher stops, and no probe opens a connection again.
         self._closing = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
+        # For `status`, read without a lock and without libvirt: a thread is in
+        # libvirt's open now, and why the last connection went (or could not be made).
+        self._opening = False
+        self._down_reason = "not connected yet"
 
     @property
     def where(self) -> str:
@@ -100,6 +110,21 @@ class Connection:
     def connected(self) -> bool:
         """Whether a connection is open (as far as libvirt's close callback has said)."""
         return self._conn is not None
+
+    def status(self) -> str:
+        """`connected`, `connecting` or `disconnected: REASON`, from this object's own
+        state only: it never waits for libvirt, so a hung host answers it at once."""
+        if self._closing.is_set():
+            return "disconnected: closed"
+        hung_since = self._hung_since
+        if hung_since is not None:
+            waited = time.monotonic() - hung_since + min(PROBE_SECONDS, self.timeout)
+            return f"disconnected: not answering (a liveness probe has waited {waited:.0f} s)"
+        if self._conn is not None:
+            return "connected"
+        if self._opening:
+            return "connecting"
+        return f"disconnected: {self._down_reason}"
 
     def on_open(self, callback: OnOpen, on_close: OnClose | None = None) -> None:
         """Run `callback(conn)` (in the worker thread) each time the connection is (re)opened;
@@ -146,16 +171,23 @@ class Connection:
             self._lose(self._conn)
         self._close_lost()
         events.ensure_event_loop()
+        self._opening = True
+        try:
+            return self._connect()
+        finally:
+            self._opening = False
+
+    def _connect(self) -> libvirt.virConnect:
         uri = self.requested_uri
         try:
             conn = libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
         except libvirt.libvirtError as e:
-            # However libvirt words it (a missing socket reads as ENOENT), the host
-            # cannot be reached: the objects under it are not known to be gone.
             error = from_libvirt(e)
-            raise DriverError(errno.ENOTCONN, error.strerror, error.libvirt_code) from None
+            self._down_reason = error.strerror or "libvirt could not connect"
+            raise DriverError(_open_errno(e, error), error.strerror,
+                              error.libvirt_code) from None
         with contextlib.suppress(libvirt.libvirtError):
-            conn.setKeepAlive(5, 3)  # local drivers have none; nothing to do
+            conn.setKeepAlive(*self.keepalive)  # local drivers have none; nothing to do
         with contextlib.suppress(libvirt.libvirtError):
             conn.registerCloseCallback(self._closed, None)
         self._conn = conn
@@ -169,13 +201,25 @@ class Connection:
     def _closed(self, conn: libvirt.virConnect, reason: int, opaque: object) -> None:
         """libvirt's close callback (on its event thread): only mark the loss; closing
         happens in a worker thread before the next connection is opened."""
-        log.warning("connection to %s closed (reason %d)", self.where, reason)
-        self._lose(conn)
+        why = self._close_reason(reason)
+        log.warning("connection to %s closed: %s", self.where, why)
+        self._lose(conn, why)
 
-    def _lose(self, conn: libvirt.virConnect) -> None:
+    def _close_reason(self, reason: int) -> str:
+        interval, count = self.keepalive
+        return {
+            libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "the connection failed",
+            libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "the daemon closed the connection",
+            libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE:
+                f"no answer to keepalive messages ({count} sent {interval} s apart)",
+            libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed",
+        }.get(reason, f"libvirt closed the connection (reason {reason})")
+
+    def _lose(self, conn: libvirt.virConnect, reason: str = "the connection was lost") -> None:
         with self._state_lock:
             if self._conn is conn:
                 self._conn = None
+                self._down_reason = reason
             if conn not in self._lost:
                 self._lost.append(conn)
 
@@ -212,7 +256,8 @@ class Connection:
                 if e.get_error_code() in _CONNECTION_GONE and not _alive(conn):
                     log.warning("connection to %s was lost: %s", self.where,
                                 e.get_error_message())
-                    self._lose(conn)  # closed by the next _open, once nobody uses it
+                    # Closed by the next _open, once nobody uses it.
+                    self._lose(conn, e.get_error_message())
                 raise from_libvirt(e) from None
         faults.FaultRules.apply_stall(fault)
         return result
@@ -311,7 +356,7 @@ class Connection:
         self._closing.set()
         with self._open_lock:
             if self._conn is not None:
-                self._lose(self._conn)
+                self._lose(self._conn, "closed")
             self._close_lost()
 
     # -- on the trio loop --------------------------------------------------------------
@@ -400,6 +445,19 @@ class Connection:
         """Close at unmount; a hung host must not keep the process from exiting."""
         with trio.move_on_after(min(self.timeout, 5.0)):
             await trio.to_thread.run_sync(self.close_now, abandon_on_cancel=True)
+
+
+def _open_errno(e: libvirt.libvirtError, error: DriverError) -> int:
+    """The errno for a failed open.  A URI libvirt cannot use (no driver for its scheme,
+    not a URI, a bad argument) is EINVAL, denied credentials EACCES; otherwise, however
+    libvirt words it (a missing socket reads as ENOENT), the host cannot be reached
+    (ENOTCONN): the objects under it are not known to be gone."""
+    message = e.get_error_message() or ""
+    if error.errno in (errno.EINVAL, errno.EACCES):
+        return error.errno
+    if "no connection driver available" in message or "Unable to parse URI" in message:
+        return errno.EINVAL
+    return errno.ENOTCONN
 
 
 def _alive(conn: libvirt.virConnect) -> bool:

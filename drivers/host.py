@@ -63,6 +63,9 @@ class Host(SnapshotCalls):
 
     # -- host --------------------------------------------------------------------------
 
+    def status(self) -> str:
+        return self.connection.status()
+
     async def uri(self) -> str:
         return await self.connection.call(lambda conn: conn.getURI())
 

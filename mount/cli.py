@@ -1,4 +1,4 @@
-"""`libvirtfs [OPTIONS] [NAME=]URI... MOUNTPOINT [-o OPTS]`
+"""`libvirtfs [OPTIONS] [--config PATH] [NAME=]URI... MOUNTPOINT [-o OPTS]`
 
 Goes to the background only once the mount is ready, so a script can use it on the next
 line: the command starts a copy of itself in the foreground, in a new session, and waits
@@ -23,8 +23,9 @@ from typing import IO
 import trio
 
 from libvirtfs.drivers.statedir import default_state_dir, private_folder
+from libvirtfs.mount.config import ConfigError, check_unique, load_config, parse_host
 from libvirtfs.mount.options import MountOptions, OptionError
-from libvirtfs.mount.serve import StartupError, parse_host, serve
+from libvirtfs.mount.serve import StartupError, serve
 
 log = logging.getLogger("libvirtfs")
 
@@ -37,8 +38,8 @@ _dump_file: IO[str] | None = None
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="libvirtfs",
-        usage="%(prog)s [-f] [--debug] [--log-file PATH] [-o OPTS] [NAME=]URI... MOUNTPOINT "
-              "[-o OPTS]",
+        usage="%(prog)s [-f] [--debug] [--log-file PATH] [--config PATH] [-o OPTS] "
+              "[NAME=]URI... MOUNTPOINT [-o OPTS]",
         description="Mount libvirt hosts as a directory tree: hosts/NAME/domains, pools, "
                     "networks.",
         epilog="Example: libvirtfs test:///default /mnt/virt; unmount with "
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated mount options: ro, allow_other, "
                              "default_permissions, timeout=SECONDS (libvirt calls, default "
                              "30), cache_timeout=SECONDS (default 1), and the usual fstab ones")
+    parser.add_argument("--config", metavar="PATH",
+                        help="a TOML file of hosts to mount, one [[host]] table each (name, "
+                             "uri, timeout, keepalive_interval, keepalive_count, read_only): "
+                             "see docs/hosts.md")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground")
     parser.add_argument("--debug", action="store_true",
@@ -136,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as e:
         parser.error(str(e))
     *uris, mountpoint = args.targets
-    specs = [parse_host(text) for text in uris] or [parse_host("")]
+    specs = [parse_host(text) for text in uris]
+    try:
+        if args.config:
+            specs += load_config(args.config)
+        check_unique(specs)
+    except ConfigError as e:
+        print(f"libvirtfs: {e}", file=sys.stderr)
+        return 2
+    specs = specs or [parse_host("")]
     if not args.foreground:
         return _background(argv)
 

@@ -1,7 +1,8 @@
 """Bringing a mount up, serving it, and taking it down cleanly.
 
 Order matters: connect to every host first (a bad URI must fail before anything is
-mounted), then mount, then report readiness, then serve until unmounted or signalled.
+mounted), then mount, attach the hosts (events, reconnecting: the same path a host added
+by `mkdir` + `uri` takes), then report readiness, then serve until unmounted or signalled.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import re
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -20,9 +20,10 @@ import trio
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.events import Change, EventForwarder
 from libvirtfs.drivers.host import Host
+from libvirtfs.mount.config import ConfigError, HostSpec, check_name, check_unique, parse_host
 from libvirtfs.mount.options import MountOptions
 from libvirtfs.nodes.base import Context
-from libvirtfs.nodes.hosts import HostDirectory, RootDirectory
+from libvirtfs.nodes.hosts import HostDirectory, HostsDirectory, RootDirectory
 from libvirtfs.vfs.operations import Operations
 
 log = logging.getLogger(__name__)
@@ -31,23 +32,11 @@ RECONNECT_SECONDS = 5.0
 UNMOUNT_POLL_SECONDS = 0.5
 
 
+__all__ = ["HostSpec", "StartupError", "parse_host", "serve"]
+
+
 class StartupError(Exception):
     """Why the mount could not be brought up; one line for the user."""
-
-
-@dataclass
-class HostSpec:
-    name: str | None
-    uri: str | None
-
-
-def parse_host(text: str) -> HostSpec:
-    """`NAME=URI` or `URI`: a URI has its `:` before any `=` (qemu:///system?x=y), a NAME
-    has none."""
-    name, sep, uri = text.partition("=")
-    if sep and ":" not in name:
-        return HostSpec(name, uri or None)
-    return HostSpec(None, text or None)
 
 
 def _short_name(hostname: str, driver: str) -> str:
@@ -56,23 +45,60 @@ def _short_name(hostname: str, driver: str) -> str:
     return hostname.split(".")[0] or "host"
 
 
-async def connect_hosts(specs: list[HostSpec], options: MountOptions) -> dict[str, Host]:
-    hosts: dict[str, Host] = {}
+def host_settings(spec: HostSpec, options: MountOptions) -> tuple[float, bool]:
+    """A host's timeout and read-only: its own where given, else the mount's (a read-only
+    mount stays read-only throughout)."""
+    timeout = spec.timeout if spec.timeout is not None else options.timeout
+    read_only = options.read_only or bool(spec.read_only)
+    return timeout, read_only
+
+
+async def open_host(spec: HostSpec, options: MountOptions) -> Host:
+    """A Host whose connection is open now; OSError with libvirt's message if not."""
+    timeout, read_only = host_settings(spec, options)
+    connection = Connection(spec.uri, timeout=timeout, read_only=read_only,
+                            keepalive=spec.keepalive)
+    host = Host(connection)
+    try:
+        await host.open()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await connection.close()  # an open that finishes late is closed, not kept
+        raise
+    return host
+
+
+async def connect_hosts(specs: list[HostSpec], options: MountOptions
+                        ) -> list[tuple[str, Host, bool]]:
+    """Connect every host before anything is mounted (a bad URI fails the mount); name
+    those the user did not, around the names the user gave."""
+    try:
+        check_unique(specs)
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
+    given = {spec.name for spec in specs if spec.name}
+    hosts: list[tuple[str, Host, bool]] = []
+    taken: set[str] = set()
     for spec in specs:
-        connection = Connection(spec.uri, timeout=options.timeout, read_only=options.read_only)
-        host = Host(connection)
         try:
-            await host.open()
+            host = await open_host(spec, options)
             name = spec.name or _short_name(await host.hostname(), await host.driver_type())
         except OSError as e:
+            for _, opened, _ in hosts:
+                await opened.connection.close()
             raise StartupError(f"cannot connect to {spec.uri or 'the default URI'}: "
                                f"{e.strerror or e}") from None
-        if not name or "/" in name or name in (".", ".."):
-            raise StartupError(f"host name {name!r} cannot be a folder name")
-        unique, n = name, 2
-        while unique in hosts:
-            unique, n = f"{name}-{n}", n + 1
-        hosts[unique] = host
+        try:
+            check_name(name, spec.origin)
+        except ConfigError as e:
+            raise StartupError(str(e)) from None
+        if not spec.name:
+            unique, n = name, 2
+            while unique in taken or unique in given:
+                unique, n = f"{name}-{n}", n + 1
+            name = unique
+        taken.add(name)
+        hosts.append((name, host, host_settings(spec, options)[1]))
     return hosts
 
 
@@ -86,38 +112,83 @@ def check_mountpoint(path: str) -> None:
 
 
 class Mount:
-    """The tree, the FUSE operations and the event plumbing of one mount."""
+    """The tree, the FUSE operations, and each host's life while mounted: the hosts given
+    at startup and those connected by `mkdir` + `uri` are attached the same way
+    (`HostLifecycle`, nodes/hosts.py), and detached by rmdir or at unmount."""
 
-    def __init__(self, hosts: dict[str, Host], options: MountOptions) -> None:
-        self.hosts = hosts
+    def __init__(self, options: MountOptions) -> None:
+        self.options = options
         self.ctx = Context(cache_timeout=options.cache_timeout, read_only=options.read_only,
                            uid=os.getuid(), gid=os.getgid())
-        self.root = RootDirectory(self.ctx, hosts)
+        self.root = RootDirectory(self.ctx, lifecycle=self)
         self.detached = False  # unmounted lazily (fusermount3 -u -z) while serving
         self.operations = Operations(self.root, self.ctx)  # tells the kernel what changed
         self._send, self._changes = trio.open_memory_channel[tuple[HostDirectory, Change]](1000)
+        self._nursery: trio.Nursery | None = None
+        # Each attached host's background tasks, cancelled when it is detached.
+        self._tending: dict[HostDirectory, trio.CancelScope] = {}
 
-    async def host_directories(self) -> dict[str, HostDirectory]:
-        children = await self.root.hosts_directory.children()
-        return {name: node for name, node in children.items()
-                if isinstance(node, HostDirectory)}
+    @property
+    def hosts_directory(self) -> HostsDirectory:
+        return self.root.hosts_directory
 
-    async def watch_events(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                           ) -> None:
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         """Apply libvirt's events to the tree (which tells the kernel what to forget and
-        lists again what they touched, in tasks of their own)."""
-        token = trio.lowlevel.current_trio_token()
+        lists again what they touched, in tasks of their own); the hosts' background
+        tasks live here too."""
         async with trio.open_nursery() as nursery:
-            for directory in (await self.host_directories()).values():
-                forwarder = EventForwarder(token, self._deliver_to(directory))
-                directory.host.connection.on_open(forwarder.register, forwarder.deregister)
-                directory.host.connection.on_late(forwarder.late)
-                # Already open: register on the live connection now.
-                await directory.host.connection.call(forwarder.register)
-                nursery.start_soon(directory.keep_listed)
+            self._nursery = nursery
             task_status.started()
             async for directory, change in self._changes:
                 directory.apply(change)
+
+    async def add_hosts(self, hosts: list[tuple[str, Host, bool]]) -> None:
+        for name, host, read_only in hosts:
+            try:
+                await self.hosts_directory.add(name, host, read_only)
+            except OSError as e:
+                raise StartupError(f"cannot watch host {name}: {e.strerror or e}") from None
+
+    # -- HostLifecycle -----------------------------------------------------------------
+
+    async def connect(self, name: str, uri: str) -> tuple[Host, bool]:
+        spec = HostSpec(name, uri)
+        host = await open_host(spec, self.options)
+        return host, host_settings(spec, self.options)[1]
+
+    async def attach(self, directory: HostDirectory) -> None:
+        host = directory.host
+        assert host is not None and self._nursery is not None
+        forwarder = EventForwarder(trio.lowlevel.current_trio_token(),
+                                   self._deliver_to(directory))
+        host.connection.on_open(forwarder.register, forwarder.deregister)
+        host.connection.on_late(forwarder.late)
+        await host.connection.call(forwarder.register)  # already open: register now
+        scope = self._tending[directory] = trio.CancelScope()
+        self._nursery.start_soon(self._tend, directory, scope)
+        log.info("host %s attached (%s)", directory.name, host.connection.where)
+
+    async def detach(self, directory: HostDirectory) -> None:
+        scope = self._tending.pop(directory, None)
+        if scope is not None:
+            scope.cancel()
+        if directory.host is not None:
+            # Closing runs the forwarder's deregister: libvirtd stops sending its events.
+            await directory.host.connection.close()
+            log.info("host %s detached (%s)", directory.name, directory.host.connection.where)
+
+    async def detach_all(self) -> None:
+        for directory in list(self._tending):
+            await self.detach(directory)
+
+    # -- one host's background tasks ---------------------------------------------------
+
+    async def _tend(self, directory: HostDirectory, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(directory.keep_listed)
+                nursery.start_soon(self.keep_connected, directory.host)
 
     def _deliver_to(self, directory: HostDirectory) -> Callable[[Change], None]:
         def deliver(change: Change) -> None:
@@ -188,21 +259,22 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
                 ready: Callable[[], None]) -> None:
     check_mountpoint(mountpoint)
     hosts = await connect_hosts(specs, options)
-    mount = Mount(hosts, options)
+    mount = Mount(options)
     try:
         pyfuse3.init(mount.operations, mountpoint, options.fuse)
     except RuntimeError as e:
+        for _, host, _ in hosts:
+            await host.connection.close()
         raise StartupError(f"cannot mount at {mountpoint}: {e}") from None
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(mount.watch_events)
+            await nursery.start(mount.run)
+            await mount.add_hosts(hosts)
             nursery.start_soon(_stop_on_signals, mount.operations)
             nursery.start_soon(_stop_when_detached, mountpoint, mount)
             nursery.start_soon(mount.operations.kernel_cache.run)
-            for host in hosts.values():
-                nursery.start_soon(mount.keep_connected, host)
             ready()
-            log.info("mounted %s at %s", ", ".join(hosts), mountpoint)
+            log.info("mounted %s at %s", ", ".join(name for name, _, _ in hosts), mountpoint)
             await pyfuse3.main()
             log.debug("FUSE main loop ended")
             nursery.cancel_scope.cancel()
@@ -210,6 +282,8 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
         # After `fusermount3 -u` this unmount is a harmless no-op; after a signal it is
         # what takes the mount down.  (Never stat the mount point here: nobody answers.)
         pyfuse3.close(unmount=not mount.detached)
-        for host in hosts.values():
-            await host.connection.close()
+        with trio.CancelScope(shield=True):
+            for _, host, _ in hosts:  # also those whose attach failed
+                await host.connection.close()
+            await mount.detach_all()
         log.info("unmounted %s", mountpoint)

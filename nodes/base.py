@@ -13,6 +13,7 @@ change is never hidden behind an answer older than it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gc
 import itertools
@@ -53,6 +54,8 @@ class Context:
 
     cache_timeout: float = 1.0
     read_only: bool = False
+    # What a change refused for read_only says (EROFS).
+    read_only_reason: str = "the filesystem is mounted read-only"
     uid: int = 0
     gid: int = 0
     # Called with a node whose content or listing changed without anybody asking (events),
@@ -68,6 +71,17 @@ class Context:
 
     def new_id(self) -> int:
         return next(self._ids)
+
+    def read_only_part(self, reason: str) -> Context:
+        """The context of a part of the tree that is read-only on its own (a host with
+        `read_only = true`): ids, memory and the kernel's notifications stay the mount's."""
+        if self.read_only:
+            return self
+        return dataclasses.replace(
+            self, read_only=True, read_only_reason=reason,
+            changed=lambda node: self.changed(node),
+            entry_changed=lambda directory, name, gone: self.entry_changed(directory, name,
+                                                                           gone))
 
     def hold(self, holder: Holder, size: int, path: str) -> None:
         """Let `holder` keep `size` bytes, or refuse with ENOSPC: each scratch file and

@@ -1,17 +1,37 @@
-"""The root of the tree and hosts/<host>/."""
+"""The root of the tree, hosts/ and hosts/<host>/.
+
+hosts/ changes while mounted: `mkdir hosts/NAME` makes a pending host folder holding only
+a writable `uri`; a URI written there connects it, and the same folder then shows the
+host's tree.  `rmdir hosts/NAME` disconnects it (libvirt is never asked to change
+anything).  What connecting and disconnecting take (a libvirt connection, event
+registrations, background tasks) is the mount's business: `HostLifecycle`.  Hosts given
+at startup go through the very same `attach`.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from libvirtfs.nodes.base import Context, Directory, Node, QueryFile, StaticDirectory
+from libvirtfs.nodes.base import (
+    Context,
+    Directory,
+    File,
+    Node,
+    QueryFile,
+    StaticDirectory,
+    fs_error,
+)
 from libvirtfs.nodes.domains import DomainsDirectory
+from libvirtfs.nodes.guard import Guard
 from libvirtfs.nodes.networks import NetworksDirectory
 from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.storage import PoolsDirectory
+from libvirtfs.nodes.writable import WordFile
 
 if TYPE_CHECKING:
     from libvirtfs.nodes.backend import Change, Host
@@ -22,31 +42,160 @@ log = logging.getLogger(__name__)
 _COLLECTION = {"domain": "domains", "snapshot": "domains", "pool": "pools", "volume": "pools",
                "network": "networks"}
 
+READ_ONLY_HOST = "this host is mounted read-only (read_only = true in the config file)"
+MAX_URI_BYTES = 4096
+
+
+class HostLifecycle(Protocol):
+    """What the mount does when a host folder connects or goes."""
+
+    async def connect(self, name: str, uri: str) -> tuple[Host, bool]:
+        """A connected host for `uri` and whether it is read-only; OSError (libvirt's
+        message) if it cannot be connected within the timeout."""
+        ...
+
+    async def attach(self, directory: HostDirectory) -> None:
+        """Keep `directory` (whose `host` is connected) true: events, reconnecting."""
+        ...
+
+    async def detach(self, directory: HostDirectory) -> None:
+        """Undo `attach` and close the host's connection."""
+        ...
+
+
+class LiveFile(File):
+    """A file rendered at every read, never kept: `status` must be true whenever read,
+    and is cheap (no libvirt call)."""
+
+    def __init__(self, ctx: Context, render: Callable[[], str]) -> None:
+        super().__init__(ctx)
+        self._render = render
+
+    async def content(self) -> bytes:
+        return self._render().encode()
+
+
+class UriFile(WordFile):
+    """`uri`: the URI libvirt reports; while the folder is pending, writable once: the
+    write connects the host and returns when it is connected (or with libvirt's error)."""
+
+    max_size = MAX_URI_BYTES
+
+    def __init__(self, ctx: Context, directory: HostDirectory) -> None:
+        async def render() -> bytes:
+            host = directory.host
+            return b"" if host is None else word(await host.uri())
+        super().__init__(ctx, render)
+        self.directory = directory
+
+    @property
+    def writable(self) -> bool:
+        return self.directory.pending and not self.ctx.read_only
+
+    async def execute(self, data: bytes) -> None:
+        try:
+            words = data.decode().split()
+        except UnicodeDecodeError:
+            raise fs_error(errno.EINVAL, "a URI is text") from None
+        if len(words) != 1:
+            raise fs_error(errno.EINVAL, f"write one libvirt URI to {self.path} "
+                                         f"(echo qemu+ssh://HOST/system > uri)")
+        await self.directory.connect(words[0])
+        self.last_error = ""
+        self.invalidate()
+
+    async def commit(self, data: bytes) -> None:
+        await self.execute(data)
+
 
 class HostDirectory(StaticDirectory):
-    def __init__(self, ctx: Context, host: Host) -> None:
+    """One host; `host` is None while the folder is pending (made by mkdir, no URI yet)."""
+
+    def __init__(self, ctx: Context, host: Host | None,
+                 lifecycle: HostLifecycle | None = None) -> None:
         super().__init__(ctx)
         self.host = host
+        self.lifecycle = lifecycle
+        self.guard = Guard()  # rm -rf hosts/NAME must not disconnect it (guard.py)
+        self.uri_file = UriFile(ctx, self)
+        self._connecting = trio.Lock()
         self._to_list: dict[Directory, None] = {}
         self._listing_wanted = trio.Event()
 
+    @property
+    def pending(self) -> bool:
+        return self.host is None
+
+    @property
+    def connecting(self) -> bool:
+        return self._connecting.locked()
+
+    def permissions(self) -> int:
+        return 0o755 if self.pending and not self.ctx.read_only else 0o555
+
+    async def children(self, *, refresh: bool = False) -> dict[str, Node]:
+        if self.host is None:
+            if not self._by_name:
+                self.uri_file.parent, self.uri_file.name = self, "uri"
+                self._by_name = {"uri": self.uri_file}
+            return self._by_name
+        return await super().children(refresh=refresh)
+
     def build(self) -> dict[str, Node]:
         host, ctx = self.host, self.ctx
-
-        async def uri() -> bytes:
-            return word(await host.uri())
+        assert host is not None
 
         async def info() -> bytes:
             return key_values(await host.info())
 
         return {
-            "uri": QueryFile(ctx, uri),
+            "uri": self.uri_file,
+            "status": LiveFile(ctx, lambda: f"{host.status()}\n"),
             "info": QueryFile(ctx, info),
             "capabilities.xml": QueryFile(ctx, host.capabilities),
             "domains": DomainsDirectory(ctx, host),
             "pools": PoolsDirectory(ctx, host),
             "networks": NetworksDirectory(ctx, host),
         }
+
+    async def attach_host(self, host: Host, read_only: bool = False) -> None:
+        """Show `host` here from now on (startup and `uri` both come here)."""
+        pending_ctx = self.ctx
+        if read_only:
+            self.ctx = self.uri_file.ctx = self.ctx.read_only_part(READ_ONLY_HOST)
+        self.host = host
+        self._built, self._by_name = False, {}
+        if self.lifecycle is not None:
+            try:
+                await self.lifecycle.attach(self)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.lifecycle.detach(self)
+                self.host, self.ctx, self.uri_file.ctx = None, pending_ctx, pending_ctx
+                self._by_name = {}
+                raise
+        self.touch()
+        self.ctx.changed(self)
+
+    async def connect(self, uri: str) -> None:
+        """A pending folder's `uri` was written.  On failure it stays pending (and empty
+        but for `uri`), as a folder whose file could not be written stays a folder."""
+        if self.lifecycle is None:
+            raise fs_error(errno.EPERM, f"{self.path}: hosts cannot be connected here")
+        if self._connecting.locked():
+            raise fs_error(errno.EBUSY, f"{self.path} is being connected now")
+        async with self._connecting:
+            if self.host is not None:
+                raise fs_error(errno.EISCONN, f"{self.path} is connected already; rmdir it "
+                                              f"and mkdir it again to connect elsewhere")
+            # rmdir of this folder is EBUSY meanwhile, so nothing can orphan the host.
+            host, read_only = await self.lifecycle.connect(self.name, uri)
+            await self.attach_host(host, read_only)
+
+    async def remove(self, name: str, *, directory: bool) -> None:
+        self.guard.arm()  # a recursive delete: its rmdir of this folder is refused too
+        raise fs_error(errno.EPERM, f"{self.path}/{name} is served by libvirtfs and cannot be "
+                                    f"removed; rmdir {self.path} disconnects the host")
 
     def apply(self, change: Change) -> list[Node]:
         """Drop cached renderings that an event made stale, tell the kernel, and have the
@@ -95,21 +244,88 @@ class HostDirectory(StaticDirectory):
                     log.exception("listing %s after an event", collection.path)
 
 
-class HostsDirectory(StaticDirectory):
-    """hosts/: one folder per mounted URI, named as the command line says."""
 
-    def __init__(self, ctx: Context, hosts: dict[str, Host]) -> None:
+class HostsDirectory(Directory):
+    """hosts/: one folder per host, named as the command line or config file says, or as
+    `mkdir` made it."""
+
+    def __init__(self, ctx: Context, lifecycle: HostLifecycle | None = None) -> None:
         super().__init__(ctx)
-        self.hosts = hosts
+        self.lifecycle = lifecycle
 
-    def build(self) -> dict[str, Node]:
-        return {name: HostDirectory(self.ctx, host) for name, host in self.hosts.items()}
+    def permissions(self) -> int:
+        return 0o755 if self.lifecycle is not None and not self.ctx.read_only else 0o555
+
+    async def children(self, *, refresh: bool = False) -> dict[str, Node]:
+        return self._by_name
+
+    def host_directories(self) -> dict[str, HostDirectory]:
+        return {name: node for name, node in self._by_name.items()
+                if isinstance(node, HostDirectory)}
+
+    def _put(self, name: str, node: Node) -> None:
+        node.parent, node.name = self, name
+        self._by_name = dict(sorted({**self._by_name, name: node}.items(),
+                                    key=lambda item: item[1].id))
+        self.touch()
+
+    async def add(self, name: str, host: Host, read_only: bool = False) -> HostDirectory:
+        """A connected host, shown as hosts/NAME."""
+        if name in self._by_name:
+            raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
+        directory = HostDirectory(self.ctx, None, self.lifecycle)
+        directory.parent, directory.name = self, name
+        await directory.attach_host(host, read_only)
+        self._put(name, directory)
+        return directory
+
+    async def mkdir(self, name: str) -> Directory:
+        if self.lifecycle is None:
+            return await super().mkdir(name)
+        if name in self._by_name:
+            raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
+        directory = HostDirectory(self.ctx, None, self.lifecycle)
+        self._put(name, directory)
+        return directory
+
+    def _host(self, name: str) -> HostDirectory:
+        node = self._by_name.get(name)
+        if not isinstance(node, HostDirectory):
+            raise fs_error(errno.ENOENT, f"{self.path}/{name} does not exist")
+        return node
+
+    async def remove(self, name: str, *, directory: bool) -> None:
+        node = self._host(name)
+        if node.connecting:
+            raise fs_error(errno.EBUSY, f"{node.path} is being connected now")
+        if not node.pending:
+            node.guard.check_rmdir(node.path, "a connected host")
+            if self.lifecycle is not None:
+                await self.lifecycle.detach(node)
+        if self._by_name.get(name) is node:
+            del self._by_name[name]
+        self.touch()
+
+    async def rename(self, name: str, target: Directory, new_name: str, *,
+                     replace: bool = True) -> None:
+        node = self._host(name)
+        if target is not self:
+            raise fs_error(errno.EPERM, f"{node.path} can only be renamed within {self.path}")
+        if new_name in self._by_name:
+            raise fs_error(errno.EEXIST, f"{self.path}/{new_name} exists; libvirtfs never "
+                                         f"replaces a host by renaming another")
+        del self._by_name[name]
+        self._put(new_name, node)
 
 
 class RootDirectory(StaticDirectory):
-    def __init__(self, ctx: Context, hosts: dict[str, Host]) -> None:
+    def __init__(self, ctx: Context, hosts: dict[str, Host] | None = None,
+                 lifecycle: HostLifecycle | None = None) -> None:
         super().__init__(ctx)
-        self.hosts_directory = HostsDirectory(ctx, hosts)
+        self.hosts_directory = HostsDirectory(ctx, lifecycle)
+        for name, host in (hosts or {}).items():  # no lifecycle: nothing to wait for
+            directory = HostDirectory(ctx, host, lifecycle)
+            self.hosts_directory._put(name, directory)
 
     def build(self) -> dict[str, Node]:
         return {"hosts": self.hosts_directory}

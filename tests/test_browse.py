@@ -22,7 +22,8 @@ def test_ls_R_shows_the_whole_tree(demo: Mounted) -> None:
     listing = sh(f"cd {demo.path} && find . | sort").stdout.split()
     assert listing == sorted([
         ".", "./hosts", "./hosts/test",
-        "./hosts/test/uri", "./hosts/test/info", "./hosts/test/capabilities.xml",
+        "./hosts/test/uri", "./hosts/test/status", "./hosts/test/info",
+        "./hosts/test/capabilities.xml",
         "./hosts/test/domains", "./hosts/test/domains/test",
         *[f"./hosts/test/domains/test/{f}"
           for f in ("state", "info", "xml", "live.xml", "autostart", "control", "snapshots")],
@@ -78,7 +79,7 @@ def test_info_files_are_key_value_lines(demo: Mounted) -> None:
 
 def test_st_size_is_what_cat_reads(demo: Mounted) -> None:
     files = sh(f"find {demo.path} -type f").stdout.split()
-    assert len(files) == 19
+    assert len(files) == 20
     for name in files:
         assert os.stat(name).st_size == len(Path(name).read_bytes()), name
 

@@ -42,7 +42,8 @@ async def test_tree_paths(testhost: Host) -> None:
     assert await state.content() == b"running\n"
     assert state.path == "/hosts/lab/domains/alpha/state"
     names = set(await (await walk(root, "hosts/lab")).children())
-    assert names == {"uri", "info", "capabilities.xml", "domains", "pools", "networks"}
+    assert names == {"uri", "status", "info", "capabilities.xml", "domains", "pools",
+                     "networks"}
 
 
 async def test_state_mtime_moves_only_when_the_state_changes(testhost: Host) -> None:

@@ -105,9 +105,12 @@ class Operations(pyfuse3.Operations):
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _check_writable_mount(self) -> None:
-        if self.ctx.read_only:
-            raise fs_error(errno.EROFS, "the filesystem is mounted read-only")
+    def _check_writable_mount(self, *nodes: Node) -> None:
+        """EROFS on a read-only mount, or where one of `nodes` is in a read-only part of
+        the tree (a read-only host)."""
+        for ctx in (self.ctx, *(node.ctx for node in nodes)):
+            if ctx.read_only:
+                raise fs_error(errno.EROFS, ctx.read_only_reason)
 
     def _node(self, inode: int) -> Node:
         # A scratch file renamed onto a served file stands in for it: the kernel keeps the
@@ -130,7 +133,7 @@ class Operations(pyfuse3.Operations):
         timeout = 0 if node.per_caller else self.ctx.cache_timeout
         attrs.entry_timeout = attrs.attr_timeout = timeout
         permissions = node.permissions()
-        if self.ctx.read_only and not isinstance(node, Symlink):
+        if node.ctx.read_only and not isinstance(node, Symlink):
             permissions &= ~0o222
         attrs.st_mode = node.file_type | permissions
         # 1 means "count unknown" to find(1), which then never skips subfolders.
@@ -210,7 +213,7 @@ class Operations(pyfuse3.Operations):
                       ctx: Any) -> Any:
         node = self._node(inode)
         if fields.update_size:
-            self._check_writable_mount()
+            self._check_writable_mount(node)
             if not isinstance(node, File):
                 raise fs_error(errno.EISDIR, f"{node.path} is a folder")
             if fh is not None:
@@ -276,8 +279,8 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        self._check_writable_mount()
         parent = self._directory(parent_inode)
+        self._check_writable_mount(parent)
         with parent.reporting(), calling(ctx.pid):  # cp -r into snapshots/ restores
             node = await parent.mkdir(_name(name))
         parent.last_error = ""
@@ -294,8 +297,8 @@ class Operations(pyfuse3.Operations):
             await self._remove(parent_inode, name, directory=False)
 
     async def _remove(self, parent_inode: int, name: bytes, *, directory: bool) -> None:
-        self._check_writable_mount()
         parent = self._directory(parent_inode)
+        self._check_writable_mount(parent)
         removed = (await parent.children()).get(_name(name)) if directory else None
         with parent.reporting():
             await parent.remove(_name(name), directory=directory)
@@ -310,9 +313,9 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
-        self._check_writable_mount()
         source = self._directory(parent_old)
         target = self._directory(parent_new)
+        self._check_writable_mount(source, target)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise fs_error(errno.EINVAL, "exchanging names is not supported")
         moving = (await source.children()).get(_name(name_old))
@@ -343,10 +346,10 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> Any:
-        self._check_writable_mount()
+        parent = self._directory(parent_inode)
+        self._check_writable_mount(parent)
         if not stat.S_ISREG(mode):
             raise fs_error(errno.EPERM, "only regular files can be made here")
-        parent = self._directory(parent_inode)
         return await self._entry(await parent.create(_name(name)))
 
     # -- files -------------------------------------------------------------------------
@@ -358,7 +361,7 @@ class Operations(pyfuse3.Operations):
             raise fs_error(errno.EISDIR, f"{node.path} is a folder")
         if not opens_for_writing(flags):
             return self._file_info(await node.open_handle(flags))
-        self._check_writable_mount()
+        self._check_writable_mount(node)
         with calling(ctx.pid) as caller:  # who writes decides what control takes (guard.py)
             handle = await node.open_handle(flags)
         info = self._file_info(handle)
@@ -372,8 +375,8 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
-        self._check_writable_mount()
         parent = self._directory(parent_inode)
+        self._check_writable_mount(parent)
         with parent.reporting():
             node = await parent.create(_name(name))
         parent.last_error = ""
@@ -424,14 +427,14 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
-        self._check_writable_mount()
         node = self._node(inode)
+        self._check_writable_mount(node)
         with node.reporting(unless=(errno.ENOTSUP, errno.EOPNOTSUPP)):
             await node.set_xattr(_name(name), value)
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
-        self._check_writable_mount()
+        self._check_writable_mount(self._node(inode))
         try:
             await self._node(inode).remove_xattr(_name(name))
         except OSError as e:

@@ -1,0 +1,141 @@
+"""Which hosts to mount: `[NAME=]URI` on the command line, `[[host]]` tables in a TOML file.
+
+    [[host]]
+    name = "second"                        # the folder under hosts/ (default: from the host)
+    uri = "qemu+tcp://10.0.0.2/system"     # required
+    timeout = 10                           # seconds per libvirt call (default: -o timeout)
+    keepalive_interval = 5                 # seconds between keepalive messages (0: none)
+    keepalive_count = 3                    # unanswered ones before the host is lost
+    read_only = true                       # EROFS for every change under it (default: -o ro)
+
+A mistake in the file is one line naming the file, the table and the key: an unknown key
+or a wrong type is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from libvirtfs.drivers.connection import DEFAULT_KEEPALIVE
+from libvirtfs.mount.options import MAX_SECONDS
+
+# A keepalive interval or count beyond this is a typo (libvirt takes an int).
+MAX_KEEPALIVE = 3600
+
+
+class ConfigError(ValueError):
+    """A config file libvirtfs cannot use; one line for the user."""
+
+
+@dataclass
+class HostSpec:
+    """One host to mount.  None means: as the mount's options say."""
+
+    name: str | None
+    uri: str | None
+    timeout: float | None = None
+    read_only: bool | None = None
+    keepalive: tuple[int, int] = field(default=DEFAULT_KEEPALIVE)
+    origin: str = "the command line"  # where it was given, for messages
+
+
+def parse_host(text: str) -> HostSpec:
+    """`NAME=URI` or `URI`: a URI has its `:` before any `=` (qemu:///system?x=y), a NAME
+    has none."""
+    name, sep, uri = text.partition("=")
+    if sep and ":" not in name:
+        return HostSpec(name, uri or None)
+    return HostSpec(None, text or None)
+
+
+def check_name(name: str, where: str) -> str:
+    """A host name is a folder name under hosts/."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise ConfigError(f"{where}: host name {name!r} cannot be a folder name")
+    return name
+
+
+_KEYS = {"name", "uri", "timeout", "keepalive_interval", "keepalive_count", "read_only"}
+
+
+def load_config(path: str | Path) -> list[HostSpec]:
+    """The `[[host]]` tables of a TOML file, in order."""
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(document) - {"host"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (the file holds [[host]] "
+                          f"tables only)")
+    tables = document.get("host", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{path}: 'host' must be tables written [[host]], one per host")
+    specs = [_host(table, f"{path}: host {n}") for n, table in enumerate(tables, 1)]
+    check_unique(specs)
+    return specs
+
+
+def _host(table: dict[str, Any], where: str) -> HostSpec:
+    name = table.get("name")
+    if name is not None:
+        where = f"{where} ({name!r})" if isinstance(name, str) else where
+        check_name(_typed(table, "name", str, "a string", where), where)
+    unknown = sorted(set(table) - _KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; the keys are "
+                          f"{', '.join(sorted(_KEYS))}")
+    if "uri" not in table:
+        raise ConfigError(f"{where}: 'uri' is missing")
+    uri = _typed(table, "uri", str, "a string", where)
+    timeout = None
+    if "timeout" in table:
+        value = table["timeout"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: 'timeout' must be a number of seconds, "
+                              f"got {value!r}")
+        if not (0 < value <= MAX_SECONDS) or math.isnan(value):
+            raise ConfigError(f"{where}: 'timeout' must be more than 0 and at most "
+                              f"{MAX_SECONDS:g} seconds, got {value!r}")
+        timeout = float(value)
+    interval = _count(table, "keepalive_interval", DEFAULT_KEEPALIVE[0], 0, where)
+    count = _count(table, "keepalive_count", DEFAULT_KEEPALIVE[1], 1, where)
+    read_only = (_typed(table, "read_only", bool, "true or false", where)
+                 if "read_only" in table else None)
+    return HostSpec(name, uri or None, timeout, read_only, (interval, count), where)
+
+
+def _typed(table: dict[str, Any], key: str, kind: type, words: str, where: str) -> Any:
+    value = table[key]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key!r} must be {words}, got {value!r}")
+    return value
+
+
+def _count(table: dict[str, Any], key: str, default: int, low: int, where: str) -> int:
+    if key not in table:
+        return default
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_KEEPALIVE:
+        raise ConfigError(f"{where}: {key!r} must be a whole number from {low} to "
+                          f"{MAX_KEEPALIVE}, got {value!r}")
+    return value
+
+
+def check_unique(specs: list[HostSpec]) -> None:
+    """Two hosts given the same name (in the file, or there and on the command line)."""
+    seen: dict[str, HostSpec] = {}
+    for spec in specs:
+        if spec.name is None:
+            continue
+        if spec.name in seen:
+            raise ConfigError(f"host name {spec.name!r} is given twice: by "
+                              f"{seen[spec.name].origin} and by {spec.origin}")
+        seen[spec.name] = spec
