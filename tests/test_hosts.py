@@ -349,9 +349,14 @@ def test_a_host_that_stops_answering_is_noticed_by_keepalive(mount_factory, tmp_
         assert noticed < 8, noticed
         # The other host answers meanwhile.
         assert (mounted.host() / "status").read_text() == "connected\n"
+        # A read of the host opens a new connection, which waits on the stopped daemon.
+        reader = subprocess.Popen(["cat", mounted.host("second") / "info"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: read_status() == "connecting\n")
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: read_status() == "connected\n", timeout=30)
+    assert reader.wait(timeout=30) == 0
     assert os.listdir(mounted.host("second") / "domains") is not None
 
 
