@@ -381,3 +381,54 @@ def test_status_of_a_host_being_connected_in_another_thread(mount_factory) -> No
         assert os.listdir(new) == ["uri"]
     finally:
         listener.close()
+
+
+def test_a_hung_host_answers_status_at_once(mount_factory, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    host_xml = tmp_path / "sick.xml"
+    host_xml.write_text("<node><domain type='test'><name>vm</name><memory>65536</memory>"
+                        "<vcpu>1</vcpu><os><type>hvm</type></os></domain></node>")
+    rules = tmp_path / "faults"  # drivers/faults.py: every call of `sick` waits 5 s
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    uri = f"test://{host_xml}"
+    mounted = mount_factory(f"sick={uri}", DEMO, options="timeout=1,cache_timeout=0")
+    status = mounted.host("sick") / "status"
+    assert status.read_text() == "connected\n"
+    rules.write_text(f"{uri} delay 5\n")
+    try:
+        expect_errno(errno.ETIMEDOUT, (mounted.host("sick") / "info").read_text)
+
+        def answered_at_once() -> str:
+            began = time.monotonic()
+            text = status.read_text()
+            assert time.monotonic() - began < 0.5
+            return text
+
+        wait_for(lambda: answered_at_once().startswith(
+            "disconnected: not answering (a liveness probe has waited"))
+        assert (mounted.host() / "status").read_text() == "connected\n"
+    finally:
+        rules.unlink()
+    wait_for(lambda: answered_at_once() == "connected\n", timeout=15)
+    assert "vm" in os.listdir(mounted.host("sick") / "domains")
+
+
+def test_a_host_added_while_mounted_is_reconnected_in_the_background(
+        mount_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host_xml = tmp_path / "late.xml"
+    host_xml.write_text("<node><domain type='test'><name>vm</name><memory>65536</memory>"
+                        "<vcpu>1</vcpu><os><type>hvm</type></os></domain></node>")
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    uri = f"test://{host_xml}"
+    # A long cache: the stat below asks libvirt once (its lookup), and nothing else does.
+    mounted = mount_factory(DEMO, options="cache_timeout=60")
+    late = mounted.path / "hosts/late"
+    os.mkdir(late)
+    assert echo(uri, late / "uri").returncode == 0
+    rules.write_text(f"{uri} drop\n")  # the connection is closed under the next call
+    os.stat(late / "info")  # that call (a stat renders `info` for its size)
+    assert (late / "status").read_text() == "disconnected: the daemon closed the connection\n"
+    # Nobody reads the host; the mount reconnects it by itself, as a startup host.
+    wait_for(lambda: (late / "status").read_text() == "connected\n", timeout=15)
+    assert "vm" in os.listdir(late / "domains")
