@@ -163,7 +163,8 @@ class Connection:
     def _open_locked(self) -> libvirt.virConnect:
         if self._closing.is_set():
             raise DriverError(errno.ENOTCONN, f"the connection to {self.where} is closed: "
-                                              f"the filesystem is unmounting")
+                                              f"the host was disconnected (rmdir) or the "
+                                              f"filesystem is unmounting")
         if self._conn is not None:
             if _alive(self._conn):
                 return self._conn
