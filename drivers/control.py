@@ -59,6 +59,15 @@ def _has_managed_save(dom: libvirt.virDomain) -> bool:
         return False  # a hypervisor without managed save has no image to lose
 
 
+def _has_snapshots(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(dom.snapshotNum(0))
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+            return False  # LXC keeps no snapshots: none to lose
+        raise
+
+
 def remove_object(conn: libvirt.virConnect, kind: str, key: Key,
                   words: Sequence[str] = ()) -> None:
     """rmdir: undefine a domain, pool or network (refused while active), delete a volume.
@@ -72,7 +81,7 @@ def remove_object(conn: libvirt.virConnect, kind: str, key: Key,
                 "network": "echo stop > control"}[kind]
         raise OSError(errno.EBUSY, f"{kind} {obj.name()!r} is active; stop it first ({hint})")
     if kind == "domain":
-        if obj.snapshotNum(0) and "snapshots-metadata" not in words:
+        if _has_snapshots(obj) and "snapshots-metadata" not in words:
             raise OSError(errno.ENOTEMPTY, f"domain {obj.name()!r} has snapshots; remove "
                                            f"them first (rmdir snapshots/NAME)")
         if "managed-save" not in words and _has_managed_save(obj):

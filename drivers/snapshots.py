@@ -166,9 +166,15 @@ class SnapshotCalls:
         """Every snapshot with metadata, its parent and creation time, and the current one."""
         def fetch(conn: libvirt.virConnect) -> SnapshotListing:
             dom = conn.lookupByUUIDString(uuid)
-            summaries = []
-            for snap in dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL):
-                summaries.append(_summary(snap))
+            try:
+                snaps = dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                    # A hypervisor without snapshots (LXC) has none: an empty folder
+                    # keeps `find`, `cp -r` and `rsync` of the host working.
+                    return SnapshotListing([], None)
+                raise
+            summaries = [_summary(snap) for snap in snaps]
             current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
             return SnapshotListing(summaries, current)
         return await self.connection.call(fetch)
