@@ -4,6 +4,7 @@
 #
 #   contrib/qemu-testbed.sh install        packages, libvirt-qemu user, qemu.conf
 #   contrib/qemu-testbed.sh start          virtlogd + libvirtd; prints qemu:///system
+#                                          (the same daemon serves lxc:///system)
 #   contrib/qemu-testbed.sh start-second   2nd libvirtd (migration target); prints its URI
 #   contrib/qemu-testbed.sh stop           stop everything this script started
 #   contrib/qemu-testbed.sh status         print what runs
@@ -13,6 +14,7 @@
 set -euo pipefail
 
 PRIMARY_URI="qemu:///system"
+LXC_URI="lxc:///system"
 SECOND_PORT=16510
 SECOND_URI="qemu+tcp://127.0.0.1:${SECOND_PORT}/system"
 SECOND_HOSTNAME="libvirtfs-second"
@@ -28,7 +30,10 @@ LIBVIRTD_PIDFILE="$RUN_DIR/libvirtd.pid"
 WAIT_SECS="${LIBVIRTFS_TESTBED_WAIT:-30}"
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
-          libvirt-clients util-linux)
+          libvirt-daemon-driver-lxc libvirt-clients util-linux)
+# libvirtd loads its drivers when it starts: one already running when
+# libvirt-daemon-driver-lxc arrives serves no lxc:///system until it restarts.
+LXC_DRIVER=/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_lxc.so
 
 die() { echo "qemu-testbed: $*" >&2; exit 1; }
 log() { echo "qemu-testbed: $*" >&2; }
@@ -154,6 +159,7 @@ cmd_install() {
     for p in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare; do
         command -v "$p" >/dev/null || die "$p not found after install"
     done
+    [[ -f $LXC_DRIVER ]] || die "$LXC_DRIVER not found after install"
 
     getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
     id libvirt-qemu >/dev/null 2>&1 || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
@@ -187,6 +193,7 @@ cmd_start() {
     fi
 
     if answers "$PRIMARY_URI"; then
+        check_lxc
         echo "$PRIMARY_URI"
         return 0
     fi
@@ -204,7 +211,16 @@ cmd_start() {
             libvirtd -d -p "$LIBVIRTD_PIDFILE" || die "libvirtd failed to start; see $PRIMARY_LOG"
     fi
     wait_answer "$PRIMARY_URI" "$LIBVIRTD_PIDFILE" libvirtd "$PRIMARY_LOG"
+    check_lxc
     echo "$PRIMARY_URI"
+}
+
+# check_lxc: say so when the running libvirtd predates the LXC driver (it is not
+# restarted here: other users of the daemon may be in the middle of something).
+check_lxc() {
+    answers "$LXC_URI" && return 0
+    log "libvirtd does not serve $LXC_URI (started before libvirt-daemon-driver-lxc was" \
+        "installed?); restart it when nobody uses it: $0 stop; $0 start"
 }
 
 # ---------------------------------------------------------------- second
@@ -215,7 +231,7 @@ prepare_second() {
     # Fresh copy of the configuration, without the primary's guests/networks/pools.
     rm -rf "${d:?}/etc"
     cp -a /etc/libvirt "$d/etc"
-    rm -rf "$d/etc/qemu" "$d/etc/storage" "$d/etc/nwfilter" "$d/etc/secrets"
+    rm -rf "$d/etc/qemu" "$d/etc/lxc" "$d/etc/storage" "$d/etc/nwfilter" "$d/etc/secrets"
     find "$d/etc" -maxdepth 1 -name '*.xml' -delete
     mkdir -p "$d/etc/qemu"
     configure_qemu_conf "$d/etc/qemu.conf"
@@ -283,15 +299,17 @@ stop_pid() {
     rm -f "$pidfile"
 }
 
-# qemu processes outlive their libvirtd; SIGTERM the ones whose pid files
-# live under DIR (the daemon's /run/libvirt/qemu).  Persistent guests show up
-# as "shut off" on the next start.
+# Guests outlive their libvirtd; SIGTERM the ones whose pid files live under
+# DIR (the daemon's /run/libvirt): qemu processes under qemu/, the libvirt_lxc
+# controllers of containers (which take their container with them) under lxc/.
+# Persistent guests show up as "shut off" on the next start.
 stop_guests_under() {
     local dir=$1 f pid
-    for f in "$dir"/*.pid; do
+    for f in "$dir"/qemu/*.pid "$dir"/lxc/*.pid; do
         [[ -s $f ]] || continue
         pid=$(<"$f")
-        if [[ $pid =~ ^[0-9]+$ ]] && live_proc "$pid" qemu-system-x86; then
+        if [[ $pid =~ ^[0-9]+$ ]] && { live_proc "$pid" qemu-system-x86 ||
+                                       live_proc "$pid" libvirt_lxc; }; then
             kill -TERM "$pid" 2>/dev/null || true
         fi
     done
@@ -300,17 +318,17 @@ stop_guests_under() {
 cmd_stop_second() {
     mkdir -p "$RUN_DIR"
     stop_pid "$SECOND_PIDFILE" libvirtd
-    stop_guests_under "$SECOND_DIR/run/qemu"
+    stop_guests_under "$SECOND_DIR/run"
     echo "stopped"
 }
 
 cmd_stop() {
     mkdir -p "$RUN_DIR"
     stop_pid "$SECOND_PIDFILE" libvirtd
-    stop_guests_under "$SECOND_DIR/run/qemu"
+    stop_guests_under "$SECOND_DIR/run"
     if pid_alive "$LIBVIRTD_PIDFILE" libvirtd; then
         stop_pid "$LIBVIRTD_PIDFILE" libvirtd
-        stop_guests_under /run/libvirt/qemu     # only the guests of our daemon
+        stop_guests_under /run/libvirt          # only the guests of our daemon
     fi
     rm -f "$LIBVIRTD_PIDFILE"
     stop_pid "$VIRTLOGD_PIDFILE" virtlogd
@@ -327,6 +345,7 @@ cmd_status() {
     elif pid_alive /run/libvirtd.pid libvirtd; then s="running (pid $(</run/libvirtd.pid), not started by this script)"
     else s="stopped"; fi
     answers "$PRIMARY_URI" && s="$s, $PRIMARY_URI answers"
+    answers "$LXC_URI" && s="$s, $LXC_URI answers"
     echo "libvirtd:          $s"
     if pid_alive "$SECOND_PIDFILE" libvirtd; then s="running (pid $(<"$SECOND_PIDFILE"))"
     else s="stopped"; fi
