@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -231,3 +232,91 @@ def test_a_stuck_qemu_monitor_leaves_the_host_answering(mount_factory, qemu_uri:
     eventually(lambda: _assert((folder / "state").read_text() == "paused\n"), timeout=20)
     eventually(lambda: _assert("domain suspend on qemu:///system succeeded after it had "
                                "timed out" in mounted.log()), timeout=10)
+
+
+# -- one of two daemons killed and restarted under a mount -------------------------------
+
+def read_errno(read) -> tuple[int, float]:
+    """(errno or 0, seconds) of one read through the mount."""
+    started = time.monotonic()
+    try:
+        read()
+    except OSError as e:
+        return e.errno or -1, time.monotonic() - started
+    return 0, time.monotonic() - started
+
+
+def test_daemon_killed_and_restarted_under_a_two_host_mount(
+        mount_factory, qemu_uri: str, second_uri: str) -> None:
+    near_name, far_name, later_name = (f"lxc-{what}-{uuid.uuid4().hex[:6]}"
+                                       for what in ("near", "far", "later"))
+    with contextlib.closing(libvirt.open(qemu_uri)) as conn:
+        conn.defineXML(GUEST.format(name=near_name))
+    with contextlib.closing(libvirt.open(second_uri)) as conn:
+        conn.defineXML(GUEST.format(name=far_name))
+    # Default options: a 30 s call timeout, which no read below may wait out.
+    mounted = mount_factory(f"near={qemu_uri}", f"far={second_uri}")
+    near, far = mounted.host("near"), mounted.host("far")
+    assert far_name in os.listdir(far / "domains")
+    assert (far / "domains" / far_name / "state").read_text() == "shutoff\n"
+
+    # Someone keeps working on the other host all along (its connection already open).
+    reads = [lambda: (near / "domains" / near_name / "state").read_text(),
+             lambda: (near / "info").read_text(),
+             lambda: (near / "domains" / near_name / "xml").read_text()]
+    for read in reads:
+        read()
+    stop = threading.Event()
+    near_reads: list[tuple[int, float, float]] = []  # errno, seconds, when (since the kill)
+    killed_at = time.monotonic()
+
+    def keep_reading() -> None:
+        while not stop.is_set():
+            for read in reads:
+                when = time.monotonic() - killed_at
+                near_reads.append((*read_errno(read), round(when, 1)))
+            time.sleep(0.05)
+
+    reader = threading.Thread(target=keep_reading)
+    reader.start()
+    try:
+        killed_at = time.monotonic()
+        kill_second_libvirtd()  # kill -9: no goodbye on the connection
+        try:
+            far_reads = {
+                "state": lambda: (far / "domains" / far_name / "state").read_text(),
+                "info": lambda: (far / "domains" / far_name / "info").read_text(),
+                "host info": lambda: (far / "info").read_text(),
+                "ls domains": lambda: os.listdir(far / "domains"),
+            }
+            # Within the cache time (1 s) every read of that host fails...
+            eventually(lambda: _assert(read_errno(far_reads["state"])[0] != 0), timeout=5)
+            for _ in range(3):
+                for what, read in far_reads.items():
+                    err, took = read_errno(read)
+                    # ...at once, each, and saying the host is not reachable: not a
+                    # timeout per file, and not "no such file" (nothing is known gone).
+                    assert err in (errno.ENOTCONN, errno.EIO), (what, err)
+                    assert took < 2, f"{what} took {took:.1f} s to fail"
+            assert sorted(os.listdir(mounted.path / "hosts")) == ["far", "near"]
+        finally:
+            run("bash", TESTBED, "start-second", timeout=120)  # a short window, always
+        # No remount: the host answers again by itself.  The restarted daemon has fresh
+        # definitions (the testbed copies its etc/ anew), and the tree says so.
+        eventually(lambda: _assert("hostname: libvirtfs-second" in (far / "info").read_text()),
+                   timeout=30)
+        eventually(lambda: _assert(far_name not in os.listdir(far / "domains")), timeout=15)
+        with contextlib.closing(libvirt.open(second_uri)) as conn:
+            conn.defineXML(GUEST.format(name=later_name))
+        eventually(lambda: _assert(later_name in os.listdir(far / "domains")), timeout=5)
+        assert (far / "domains" / later_name / "state").read_text() == "shutoff\n"
+    finally:
+        stop.set()
+        reader.join()
+        for uri, name in ((qemu_uri, near_name), (second_uri, far_name),
+                          (second_uri, later_name)):
+            run("virsh", "-c", uri, "undefine", name, check=False)
+    # The other host never noticed.
+    assert near_reads and all(err == 0 for err, _, _ in near_reads), near_reads
+    slow = [(took, when) for _, took, when in near_reads if took >= 1]
+    assert not slow, f"reads of the other host took so long (seconds, when since the kill): {slow}"
