@@ -299,12 +299,17 @@ def test_daemon_killed_and_restarted_under_a_two_host_mount(
                     assert err in (errno.ENOTCONN, errno.EIO), (what, err)
                     assert took < 2, f"{what} took {took:.1f} s to fail"
             assert sorted(os.listdir(mounted.path / "hosts")) == ["far", "near"]
+            # status says so, from what libvirtfs knows, at once.
+            eventually(lambda: _assert((far / "status").read_text().startswith(
+                "disconnected: ")), timeout=5)
+            assert (near / "status").read_text() == "connected\n"
         finally:
             run("bash", TESTBED, "start-second", timeout=120)  # a short window, always
         # No remount: the host answers again by itself.  The restarted daemon has fresh
         # definitions (the testbed copies its etc/ anew), and the tree says so.
         eventually(lambda: _assert("hostname: libvirtfs-second" in (far / "info").read_text()),
                    timeout=30)
+        assert (far / "status").read_text() == "connected\n"
         eventually(lambda: _assert(far_name not in os.listdir(far / "domains")), timeout=15)
         with contextlib.closing(libvirt.open(second_uri)) as conn:
             conn.defineXML(GUEST.format(name=later_name))
