@@ -39,10 +39,16 @@ def _started_before_driver_was_installed() -> bool:
         return False
     for pidfile in LIBVIRTD_PIDFILES:
         with contextlib.suppress(OSError, ValueError):
-            pid = int(pidfile.read_text())
-            started = os.stat(f"/proc/{pid}").st_mtime  # set when the process began
-            return started < LXC_DRIVER.stat().st_ctime
+            return _process_start(int(pidfile.read_text())) < LXC_DRIVER.stat().st_ctime
     return False
+
+
+def _process_start(pid: int) -> float:
+    """When process `pid` started, in seconds since the epoch (proc(5): starttime)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.fixture(scope="session")
