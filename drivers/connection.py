@@ -139,6 +139,11 @@ class Connection:
 
     # -- in worker threads -------------------------------------------------------------
 
+    def using(self) -> contextlib.AbstractContextManager[libvirt.virConnect]:
+        """The open connection, held for a block in a worker thread: a call that needs two
+        hosts' connections (a migration) holds the second one this way."""
+        return self._using()
+
     @contextlib.contextmanager
     def _using(self) -> Iterator[libvirt.virConnect]:
         """The open connection, which is not closed while this block uses it: a call in

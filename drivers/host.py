@@ -9,18 +9,22 @@ works; what a hypervisor lacks surfaces as DriverError(EOPNOTSUPP) for that call
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import libvirt
+import trio
 
-from libvirtfs.drivers import records, statedir, xmldocs
+from libvirtfs.drivers import migration, records, statedir, xmldocs
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.control import ACTIONS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
+from libvirtfs.drivers.errors import from_libvirt
 from libvirtfs.drivers.snapshots import SnapshotCalls
 from libvirtfs.drivers.states import (
     domain_reason_word,
@@ -284,3 +288,56 @@ class Host(SnapshotCalls):
 
     async def rename(self, kind: str, key: Key, new_name: str) -> None:
         await self.connection.call(rename_object, kind, key, new_name)
+
+    # -- migration ---------------------------------------------------------------------
+
+    async def migrate(self, uuid: str, destination: Host | str, words: Sequence[str],
+                      params: dict[str, str]) -> None:
+        """Move the domain `uuid` to another mounted host (both connections are held for
+        the call) or to a URI; returns when libvirt says it has finished.  A long call:
+        no per-call timeout (a migration runs as long as it moves); if the caller goes
+        away (killed, unmount) the migration is aborted and the VM stays here."""
+        dest_host = destination if isinstance(destination, Host) else None
+        dest_uri = destination if isinstance(destination, str) else None
+
+        def run() -> None:
+            with self._translated(), self.connection.using() as conn:
+                dom = _domain(conn, uuid)
+                if dest_host is not None:
+                    with dest_host.connection.using() as dconn:
+                        uri = dest_host.connection.requested_uri or dconn.getURI()
+                        migration.migrate(dom, dconn, uri, words, params)
+                elif "p2p" in words:
+                    migration.migrate(dom, None, dest_uri, words, params)
+                else:
+                    dconn = migration.open_destination(dest_uri or "")
+                    try:
+                        migration.migrate(dom, dconn, dest_uri, words, params)
+                    finally:
+                        migration.close_quietly(dconn)
+
+        def abort() -> None:
+            with contextlib.suppress(OSError, libvirt.libvirtError), \
+                    self.connection.using() as conn:
+                migration.abort(_domain(conn, uuid))
+
+        try:
+            await trio.to_thread.run_sync(run, abandon_on_cancel=True,
+                                          limiter=_LONG_CALLS)
+        except trio.Cancelled:
+            log.warning("migration of %s from %s given up by its caller: aborting it",
+                        uuid, self.connection.where)
+            threading.Thread(target=abort, name="libvirtfs-abort", daemon=True).start()
+            raise
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _translated() -> Iterator[None]:
+        try:
+            yield
+        except libvirt.libvirtError as e:
+            raise from_libvirt(e) from None
+
+
+# Long calls (migrations) of the whole mount at once; each holds a worker thread.
+_LONG_CALLS = trio.CapacityLimiter(16)

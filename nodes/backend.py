@@ -79,6 +79,11 @@ class Host(Protocol):
         """rmdir; `words` are a domain's UNDEFINE_FLAGS."""
     async def rename(self, kind: str, key: str, new_name: str) -> None: ...
 
+    async def migrate(self, uuid: str, destination: Host | str, words: list[str],
+                      params: dict[str, str]) -> None:
+        """Move the domain to another host of this mount, or to a libvirt URI; `words` are
+        MIGRATE_FLAGS, `params` MIGRATE_PARAMS.  Returns when libvirt has finished."""
+
     # Snapshots of the domain `uuid`, by name; flags are words of nodes/words.py.
     async def snapshot_listing(self, uuid: str) -> SnapshotListing: ...
     async def snapshot_xml(self, uuid: str, name: str) -> str: ...

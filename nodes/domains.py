@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from libvirtfs.nodes.base import Entry, QueryFile, fs_error
+from libvirtfs.nodes import migration
+from libvirtfs.nodes.base import Directory, Entry, QueryFile, fs_error
+from libvirtfs.nodes.guard import FILE_COPIERS, caller
+from libvirtfs.nodes.names import name_for_new_object
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
 from libvirtfs.nodes.words import (
     DOMAIN_STATES,
     DOMAIN_WORDS_BY_STATE,
+    MIGRATABLE_STATES,
+    MIGRATE_WORD,
     UNDEFINE_FLAGS,
     parse_words,
 )
 
+if TYPE_CHECKING:
+    from libvirtfs.nodes.backend import Host
+
 UNDEFINE = "user.undefine-flags"
+MIGRATE = "user.migrate"
 
 
 def undefine_words(value: bytes) -> list[str]:
@@ -63,11 +72,143 @@ class DomainsDirectory(CollectionDirectory):
             return
         await super().remove_xattr(name)
 
+    async def rename(self, name: str, target: Directory, new_name: str, *,
+                     replace: bool = True) -> None:
+        if isinstance(target, DomainsDirectory) and target.host is not self.host:
+            await self._migrate(name, target, new_name)
+            return
+        await super().rename(name, target, new_name, replace=replace)
+
+    async def _migrate(self, name: str, target: DomainsDirectory, new_name: str) -> None:
+        """`mv hosts/a/domains/VM hosts/b/domains/[NAME]`: migrate with the options of
+        user.migrate on the folder; returns once the VM is on b, whose domains/ then shows
+        this very folder (its inode moved with it, as the kernel believes)."""
+        node = await self._object(name)
+        assert isinstance(node, DomainDirectory)
+        who = caller()
+        if who.command in FILE_COPIERS:
+            # Copying programs rename only what they made; a domain folder moved by one is
+            # not a migration anybody asked for.
+            raise fs_error(errno.EPERM, f"{node.path}: {who.command} does not migrate "
+                                        f"domains; mv does (docs/hosts.md)")
+        if node.key is None:
+            raise fs_error(errno.EPERM, f"{node.path} is not defined yet; only a defined "
+                                        f"domain can move to another host")
+        dest_name = name_for_new_object(new_name, target.reserved)
+        if new_name in await target.children(refresh=True):
+            raise fs_error(errno.EEXIST, f"{target.path}/{new_name} exists; libvirtfs never "
+                                         f"replaces a domain by migrating another")
+        options = node.migrate_options
+        if dest_name != node.libvirt_name:
+            options = options.with_param("dest-name", dest_name)
+        if "live" in options.flags and await node.state() == "shutoff":
+            # A shut-off domain has nothing to move live: its definition moves.
+            options = options.with_flag("offline", instead_of="live")
+        await node.migrate(target.host, options, target)
+        key = node.key
+        self._by_name.pop(name, None)
+        self._by_key.pop(key, None)
+        self.invalidate()
+        self.touch()
+        self.ctx.changed(self)
+        node.rehost(target.host)
+        node.parent, node.name = target, new_name
+        target.take(key, node)
+
 
 class DomainDirectory(ObjectDirectory):
     kind = "domain"
     states = DOMAIN_STATES
     served_names = ObjectDirectory.served_names | {"live.xml", "snapshots"}
+    more_words = ["migrate DEST [OPTIONS]"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.migrate_setting: migration.MigrateOptions | None = None  # user.migrate
+
+    @property
+    def migrate_options(self) -> migration.MigrateOptions:
+        """What `mv` to another host uses: user.migrate, or the default."""
+        return self.migrate_setting or migration.DEFAULT
+
+    async def xattrs(self) -> dict[str, bytes]:
+        mine = ({MIGRATE: " ".join(self.migrate_setting.words()).encode()}
+                if self.migrate_setting else {})
+        return {**mine, **await super().xattrs()}
+
+    async def set_xattr(self, name: str, value: bytes) -> None:
+        if name != MIGRATE:
+            await super().set_xattr(name, value)
+            return
+        options = migration.parse_attribute(value)
+        self.migrate_setting = None if options == migration.DEFAULT else options
+
+    async def remove_xattr(self, name: str) -> None:
+        if name == MIGRATE and self.migrate_setting:
+            self.migrate_setting = None
+            return
+        await super().remove_xattr(name)
+
+    async def control(self, word: str, arguments: list[str]) -> None:
+        if word != MIGRATE_WORD:
+            await super().control(word, arguments)
+            return
+        if not arguments:
+            raise fs_error(errno.EINVAL, f"usage: migrate DEST [OPTIONS]: DEST is a host "
+                                         f"folder under hosts/ or a libvirt URI; the options "
+                                         f"are: {migration.option_words()}")
+        options = migration.parse_options(arguments[1:])
+        destination, target = await self._destination(arguments[0])
+        await self.migrate(destination, options, target)
+
+    async def _destination(self, text: str) -> tuple[Host | str, Directory | None]:
+        """DEST: a host folder of this mount (its host and its domains/), or a URI (a
+        mounted host's own URI means that host)."""
+        from libvirtfs.nodes.hosts import HostDirectory, HostsDirectory  # they import us
+
+        node = self.parent
+        while node is not None and not isinstance(node, HostsDirectory):
+            node = node.parent
+        hosts = await node.children() if node is not None else {}
+        found = hosts.get(text)
+        if found is None and ":" in text:
+            for candidate in hosts.values():
+                if isinstance(candidate, HostDirectory):
+                    try:
+                        if await candidate.host.uri() == text:
+                            found = candidate
+                            break
+                    except OSError:
+                        continue
+        if isinstance(found, HostDirectory):
+            domains = (await found.children()).get("domains")
+            return found.host, domains if isinstance(domains, Directory) else None
+        if ":" not in text:
+            raise fs_error(errno.EINVAL, f"migrate: no host {text!r} in this mount "
+                                         f"(hosts: {', '.join(hosts) or 'none'}), and it is "
+                                         f"not a libvirt URI")
+        return text, None
+
+    async def migrate(self, destination: Host | str, options: migration.MigrateOptions,
+                      target: Directory | None) -> None:
+        """Migrate now; returns when libvirt has finished, or raises its error (the VM is
+        then still here)."""
+        if destination is self.host:
+            raise fs_error(errno.EINVAL, f"{self.path} is on that host already")
+        async with self.lock:
+            if self.key is None:
+                raise fs_error(errno.ENOENT, f"{self.path} is not defined yet")
+            state = await self.state()
+            if state not in MIGRATABLE_STATES:
+                raise fs_error(errno.EBUSY, f"a {state} domain cannot be migrated")
+            await self.host.migrate(self.key, destination, list(options.flags),
+                                    dict(options.params))
+        self.invalidate_all()
+        for collection in (self.parent, target):
+            if collection is not None:
+                collection.invalidate()
+                self.ctx.changed(collection)
+
 
     async def state(self) -> str:
         return (await self.host.domain_state(self.key))[0]  # type: ignore[arg-type]

@@ -46,6 +46,8 @@ class ObjectDirectory(Directory):
     # Every name `served()` gives: never a scratch file's, even while pending.
     served_names: ClassVar[frozenset[str]] = frozenset({"state", "info", "xml", "autostart",
                                                         "control"})
+    # Words `control` takes besides CONTROL_WORDS and `wait`, as its usage says them.
+    more_words: ClassVar[list[str]] = []
 
     def __init__(self, ctx: Context, host: Host, key: str | None,
                  parent_key: str | None = None) -> None:
@@ -120,7 +122,7 @@ class ObjectDirectory(Directory):
         if word not in words or arguments:
             raise fs_error(errno.EINVAL, f"unknown control word "
                                          f"{' '.join([word, *arguments])!r}; the words are: "
-                                         f"{', '.join([*words, 'wait'])}")
+                                         f"{', '.join([*words, *self.more_words, 'wait'])}")
         await self.carry_out(word)
 
     async def carry_out(self, word: str) -> None:
@@ -152,6 +154,18 @@ class ObjectDirectory(Directory):
                 raise fs_error(errno.ETIMEDOUT, f"the {self.kind} did not reach {target} "
                                                 f"within {seconds:g} s")
             await trio.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - trio.current_time())))
+
+    def rehost(self, host: Host) -> None:
+        """The object now lives on `host` (migrated by mv): this folder, and its inode,
+        show it there.  Its files were made for the old host: whoever holds one gets
+        ENOENT, and a fresh lookup finds new ones."""
+        self.host = host
+        old = dict(self._by_name)
+        self._by_key, self._by_name = {}, {}
+        self.invalidate()
+        for name, child in old.items():
+            child.vanish()
+            self.ctx.entry_changed(self, name, child)
 
     def invalidate_all(self) -> None:
         for node in self.walk_known():
@@ -343,6 +357,16 @@ class CollectionDirectory(Directory):
 
     def extra_children(self) -> dict[str, Node]:
         return {name: node for name, node in self._pending.items() if name not in self._by_name}
+
+    def take(self, key: str, node: ObjectDirectory) -> None:
+        """An object folder that moved here from another host's collection (migrated by
+        mv): listed here at once, under the node (and inode) it had."""
+        self._by_key[key] = node
+        self._by_name = dict(sorted({**self._by_name, node.name: node}.items(),
+                                    key=lambda item: item[1].id))
+        self.invalidate()
+        self.touch()
+        self.ctx.changed(self)
 
     def adopt(self, node: ObjectDirectory) -> None:
         """A pending folder's object now exists: it keeps its node (and inode)."""

@@ -39,6 +39,19 @@ CONTROL_WORDS: dict[str, list[str]] = {
     "network": ["start", "stop"],
 }
 
+# `migrate DEST [OPTIONS]` on a domain's `control`, and `user.migrate` on its folder (what
+# `mv` to another host's domains/ uses): flag words (libvirt's VIR_MIGRATE_*), and
+# NAME=VALUE words for its typed parameters (VIR_MIGRATE_PARAM_*).  docs/hosts.md.
+MIGRATE_WORD = "migrate"
+MIGRATE_FLAGS = ["live", "offline", "p2p", "tunnelled", "persist", "undefine-source",
+                 "copy-storage-all", "copy-storage-inc", "compressed", "auto-converge",
+                 "postcopy", "unsafe"]
+MIGRATE_PARAMS = {"bandwidth": "MIB_PER_S", "migrate-uri": "URI", "listen-address": "ADDR",
+                  "dest-name": "NAME", "dest-xml": "PATH"}
+DEFAULT_MIGRATE_OPTIONS = ["live", "persist", "undefine-source"]
+# Which states a domain may be migrated from (an inactive one only with `offline`).
+MIGRATABLE_STATES = ["running", "blocked", "paused", "shutoff"]
+
 # domains/: `user.undefine-flags`, what rmdir may discard with a domain
 # (VIR_DOMAIN_UNDEFINE_*).
 UNDEFINE_FLAGS = ["managed-save", "snapshots-metadata", "checkpoints-metadata", "nvram",

@@ -323,9 +323,12 @@ class Operations(pyfuse3.Operations):
         # A refused rename is recorded on the file it would have replaced (sed -i's commit
         # onto xml), or else on the folder it came from.
         blamed = replaced if isinstance(replaced, File) else source
-        with blamed.reporting():
-            await source.rename(_name(name_old), target, _name(name_new),
-                                replace=not flags & pyfuse3.RENAME_NOREPLACE)
+        # Who renames decides whether a domain folder may migrate (nodes/domains.py); a
+        # migration lasts, and a mv killed meanwhile must be let go (and aborts it).
+        with blamed.reporting(), calling(ctx.pid) as caller:
+            await unless_killed(caller.pid, lambda: source.rename(
+                _name(name_old), target, _name(name_new),
+                replace=not flags & pyfuse3.RENAME_NOREPLACE))
         blamed.last_error = ""
         if moving is not None and moving.resolve() is not moving:
             # Committed onto a served file: make the kernel look the name up again.

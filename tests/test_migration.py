@@ -1,0 +1,250 @@
+"""Live migration between the two daemons of the test bed (contrib/qemu-testbed.sh
+start-second), by `migrate` control word and by `mv` across host folders.
+
+Both daemons run on this machine: the second one's host name does not resolve, so every
+migration towards it gives `migrate-uri=tcp://127.0.0.1` (and `listen-address=127.0.0.1`
+keeps the receiving QEMU on loopback).  docs/hosts.md, "Migration".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import xattr
+from conftest import eventually, run, sh, user_error, write_file
+
+pytestmark = pytest.mark.qemu
+
+SECOND_URI = "qemu+tcp://127.0.0.1:16510/system"
+LOOPBACK = "migrate-uri=tcp://127.0.0.1 listen-address=127.0.0.1"
+
+GUEST = """<domain type='qemu'>
+  <name>{name}</name>
+  <!-- no OS: SeaBIOS runs forever; memory {mib} MiB of zeros migrates in seconds, and
+       slowly at bandwidth=1 -->
+  <memory unit='MiB'>{mib}</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>
+"""
+
+
+@pytest.fixture(scope="module")
+def second_uri(qemu_uri: str) -> str:
+    started = run("bash", "contrib/qemu-testbed.sh", "start-second",
+                  cwd=Path(__file__).resolve().parent.parent, check=False, timeout=120)
+    if started.returncode:
+        pytest.skip(f"no second libvirtd: {started.stderr.strip()[-300:]}")
+    return SECOND_URI
+
+
+@pytest.fixture
+def name(qemu_uri: str, second_uri: str):
+    """A domain name (prefix migrate-); whatever is left of it is removed from both."""
+    domain = f"migrate-{uuid.uuid4().hex[:8]}"
+    yield domain
+    for uri in (qemu_uri, second_uri):
+        for each in (domain, f"{domain}-b"):
+            run("virsh", "-c", uri, "destroy", each, check=False)
+            run("virsh", "-c", uri, "undefine", "--managed-save", each, check=False)
+
+
+@pytest.fixture
+def both(mount_factory, qemu_uri: str, second_uri: str):
+    mounted = mount_factory(f"a={qemu_uri}", f"b={second_uri}")
+    return mounted
+
+
+def virsh_state(uri: str, domain: str) -> str:
+    result = run("virsh", "-c", uri, "domstate", domain, check=False)
+    return result.stdout.strip() if result.returncode == 0 else "absent"
+
+
+def running_guest(mounted, host: str, domain: str, mib: int = 64) -> Path:
+    folder = mounted.host(host) / "domains" / domain
+    folder.mkdir()
+    write_file(folder / "xml", GUEST.format(name=domain, mib=mib))
+    sh(f"echo start > {folder}/control")
+    return folder
+
+
+def test_migrate_by_control_word_there_and_back(both, qemu_uri, second_uri, name) -> None:
+    folder = running_guest(both, "a", name)
+    sh(f"echo 'migrate b live persist undefine-source {LOOPBACK}' > {folder}/control")
+    assert virsh_state(second_uri, name) == "running"
+    assert virsh_state(qemu_uri, name) == "absent"
+    there = both.host("b") / "domains" / name
+    assert (there / "state").read_text() == "running\n"
+    eventually(lambda: name not in os.listdir(both.host("a") / "domains"))
+    # Back, by URI this time (the mounted host's own URI means that host); the first
+    # daemon's host name resolves here, so no migrate-uri is needed.
+    sh(f"echo 'migrate {qemu_uri} live persist undefine-source' > {there}/control")
+    assert virsh_state(qemu_uri, name) == "running"
+    assert virsh_state(second_uri, name) == "absent"
+    assert (folder / "state").read_text() == "running\n"
+    eventually(lambda: name not in os.listdir(both.host("b") / "domains"))
+
+
+def test_mv_migrates_both_ways_and_the_folder_moves(both, qemu_uri, second_uri, name) -> None:
+    folder = running_guest(both, "a", name)
+    domains_a, domains_b = both.host("a") / "domains", both.host("b") / "domains"
+    # Without a migration address the destination's host name is used: it does not
+    # resolve here, and the refusal says what to do.
+    result = sh(f"mv {folder} {domains_b}/", check=False)
+    assert result.returncode != 0
+    assert "migrate-uri=" in user_error(domains_a), user_error(domains_a)
+    assert virsh_state(qemu_uri, name) == "running"
+    assert (folder / "state").read_text() == "running\n"
+
+    sh(f"setfattr -n user.migrate -v 'live persist undefine-source {LOOPBACK}' {folder}")
+    inode = folder.stat().st_ino
+    sh(f"mv {folder} {domains_b}/")
+    # mv returned: the VM runs on b, and the folder is there (the same inode) and only there.
+    assert virsh_state(second_uri, name) == "running"
+    assert virsh_state(qemu_uri, name) == "absent"
+    assert name in os.listdir(domains_b)
+    assert name not in os.listdir(domains_a)
+    moved = domains_b / name
+    assert moved.stat().st_ino == inode
+    assert (moved / "state").read_text() == "running\n"
+    assert name in (moved / "info").read_text()
+    # user.migrate went with the folder; back to a (whose host name resolves) by mv again.
+    sh(f"setfattr -n user.migrate -v 'live persist undefine-source' {moved}")
+    sh(f"mv {moved} {domains_a}/")
+    assert virsh_state(qemu_uri, name) == "running"
+    assert virsh_state(second_uri, name) == "absent"
+    assert name in os.listdir(domains_a) and name not in os.listdir(domains_b)
+    assert (domains_a / name / "state").read_text() == "running\n"
+
+
+def test_mv_to_a_new_name_and_of_a_shut_off_domain(both, qemu_uri, second_uri, name) -> None:
+    folder = running_guest(both, "a", name)
+    sh(f"setfattr -n user.migrate -v 'live,persist,undefine-source,{LOOPBACK.replace(' ', ',')}'"
+       f" {folder}")
+    assert xattr.getxattr(str(folder), "user.migrate").decode() == \
+        f"live persist undefine-source {LOOPBACK}"
+    domains_b = both.host("b") / "domains"
+    sh(f"mv {folder} {domains_b}/{name}-b")  # dest-name
+    assert virsh_state(second_uri, f"{name}-b") == "running"
+    assert virsh_state(qemu_uri, name) == "absent"
+    moved = domains_b / f"{name}-b"
+    assert (moved / "state").read_text() == "running\n"
+    # Shut off, it moves all the same: its definition goes (offline in place of live).
+    sh(f"echo destroy > {moved}/control")
+    sh(f"mv {moved} {both.host('a')}/domains/{name}")
+    assert virsh_state(qemu_uri, name) == "shut off"
+    assert virsh_state(second_uri, f"{name}-b") == "absent"
+    assert (both.host("a") / "domains" / name / "state").read_text() == "shutoff\n"
+
+
+def test_mv_within_one_host_still_renames(both, qemu_uri, name) -> None:
+    domains = both.host("a") / "domains"
+    (domains / name).mkdir()
+    write_file(domains / name / "xml", GUEST.format(name=name, mib=64))
+    sh(f"mv {domains / name} {domains}/{name}-b")
+    assert virsh_state(qemu_uri, f"{name}-b") == "shut off"
+    sh(f"mv {domains}/{name}-b {domains / name}")
+
+
+def test_refused_migrations_leave_the_vm_running_at_the_source(
+        both, qemu_uri, second_uri, name) -> None:
+    folder = running_guest(both, "a", name)
+    control = folder / "control"
+
+    def refused(line: str, err: int) -> str:
+        with pytest.raises(OSError) as caught:
+            write_file(control, line + "\n")
+        assert caught.value.errno == err, (line, caught.value)
+        assert virsh_state(qemu_uri, name) == "running", line
+        return user_error(control)
+
+    message = refused("migrate b live sideways", errno.EINVAL)
+    assert "'sideways'" in message and "bandwidth=MIB_PER_S" in message, message
+    assert "migrate b" not in refused("migrate nowhere live", errno.EINVAL)
+    assert "nowhere" in user_error(control)
+    refused("migrate b live offline", errno.EINVAL)
+    refused("migrate b bandwidth=fast", errno.EINVAL)
+    refused("migrate b dest-xml=relative.xml", errno.EINVAL)
+    refused("migrate", errno.EINVAL)
+    refused("migrate a live", errno.EINVAL)  # where it is already
+    # Unreachable: nothing listens on that port.
+    message = refused("migrate qemu+tcp://127.0.0.1:1/system live", errno.ENOTCONN)
+    assert "127.0.0.1:1" in message, message
+    # The name is taken at the destination.
+    taken = both.host("b") / "domains" / name
+    taken.mkdir()
+    write_file(taken / "xml", GUEST.format(name=name, mib=64))
+    with pytest.raises(OSError) as caught:
+        write_file(control, f"migrate b live persist {LOOPBACK}\n")
+    assert caught.value.errno in (errno.EEXIST, errno.EBUSY, errno.EIO), caught.value
+    assert virsh_state(qemu_uri, name) == "running"
+    assert virsh_state(second_uri, name) == "shut off"
+    result = sh(f"mv {folder} {both.host('b')}/domains/", check=False)
+    assert result.returncode != 0
+    assert virsh_state(qemu_uri, name) == "running"
+    assert (folder / "state").read_text() == "running\n"
+    # user.migrate is checked when set.
+    result = sh(f"setfattr -n user.migrate -v 'live sideways' {folder}", check=False)
+    assert result.returncode != 0 and "Invalid argument" in result.stderr
+    assert "sideways" in user_error(folder)
+
+
+def test_copying_programs_never_migrate(both, qemu_uri, name, tmp_path) -> None:
+    """A rename by a program that copies files (rsync, tar, cp) is no migration anybody
+    asked for: mv is the one way."""
+    folder = running_guest(both, "a", name)
+    sh(f"setfattr -n user.migrate -v 'live persist undefine-source {LOOPBACK}' {folder}")
+    rsync = tmp_path / "rsync"  # a rename(2) made by a program called rsync
+    shutil.copy("/bin/mv", rsync)
+    result = run(rsync, folder, both.host("b") / "domains", check=False)
+    assert result.returncode != 0
+    assert virsh_state(qemu_uri, name) == "running"
+    assert "mv does" in user_error(both.host("a") / "domains")
+
+
+def test_progress_shows_while_the_vm_moves_slowly(both, qemu_uri, second_uri, name) -> None:
+    folder = running_guest(both, "a", name, mib=2048)
+    writer = threading.Thread(target=sh, args=(
+        f"echo 'migrate b live persist undefine-source bandwidth=1 {LOOPBACK}' "
+        f"> {folder}/control",), kwargs={"timeout": 300})
+    began = time.monotonic()
+    writer.start()
+    seen = []
+    while writer.is_alive():
+        job = run("virsh", "-c", qemu_uri, "domjobinfo", name, check=False).stdout
+        seen.append(job)
+        time.sleep(0.5)
+    writer.join()
+    assert virsh_state(second_uri, name) == "running"
+    assert time.monotonic() - began > 3
+    assert any("Unbounded" in job for job in seen), seen[:3]
+
+
+def test_a_killed_mv_aborts_the_migration(both, qemu_uri, second_uri, name) -> None:
+    folder = running_guest(both, "a", name, mib=2048)
+    sh(f"setfattr -n user.migrate -v 'live persist undefine-source bandwidth=1 {LOOPBACK}' "
+       f"{folder}")
+    mover = subprocess.Popen(["mv", str(folder), str(both.host("b") / "domains")])
+    eventually(lambda: assert_migrating(qemu_uri, name), timeout=20)
+    mover.kill()
+    mover.wait(timeout=10)
+    eventually(lambda: assert_not_migrating(qemu_uri, name), timeout=30)
+    assert virsh_state(qemu_uri, name) == "running"
+    assert virsh_state(second_uri, name) == "absent"
+    assert (folder / "state").read_text() == "running\n"
+
+
+def assert_migrating(uri: str, domain: str) -> None:
+    assert "Unbounded" in run("virsh", "-c", uri, "domjobinfo", domain, check=False).stdout
+
+
+def assert_not_migrating(uri: str, domain: str) -> None:
+    assert "Unbounded" not in run("virsh", "-c", uri, "domjobinfo", domain,
+                                  check=False).stdout
