@@ -411,8 +411,10 @@ class Directory(Node):
         if self._scan_complete:
             kept = {id(node) for node in self._by_key.values()}
             for node in listed:
-                if id(node) not in kept:
-                    node.vanish()  # a complete listing no longer shows its object
+                # A complete listing no longer shows its object; a node that moved to
+                # another folder meanwhile (migrated by mv) shows it there.
+                if id(node) not in kept and node.parent is self:
+                    node.vanish()
         if before is not None:
             self._tell_entries(before, self._visible())
 

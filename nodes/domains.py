@@ -112,6 +112,7 @@ class DomainsDirectory(CollectionDirectory):
         self.touch()
         self.ctx.changed(self)
         node.rehost(target.host)
+        node.ctx = target.ctx  # a host's part of the tree may have its own (read-only)
         node.parent, node.name = target, new_name
         target.take(key, node)
 
@@ -173,7 +174,7 @@ class DomainDirectory(ObjectDirectory):
         found = hosts.get(text)
         if found is None and ":" in text:
             for candidate in hosts.values():
-                if isinstance(candidate, HostDirectory):
+                if isinstance(candidate, HostDirectory) and candidate.host is not None:
                     try:
                         if await candidate.host.uri() == text:
                             found = candidate
@@ -181,6 +182,12 @@ class DomainDirectory(ObjectDirectory):
                     except OSError:
                         continue
         if isinstance(found, HostDirectory):
+            if found.host is None:
+                raise fs_error(errno.ENOTCONN, f"migrate: host {text!r} has no URI yet "
+                                               f"(echo URI > {found.path}/uri)")
+            if found.ctx.read_only:
+                raise fs_error(errno.EROFS, f"migrate: {found.path}: "
+                                            f"{found.ctx.read_only_reason}")
             domains = (await found.children()).get("domains")
             return found.host, domains if isinstance(domains, Directory) else None
         if ":" not in text:

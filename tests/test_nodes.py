@@ -252,3 +252,58 @@ def test_names_escape_reversibly(name: str) -> None:
 def test_reserved_names_are_escaped() -> None:
     assert to_filename("current", frozenset({"current"})) == "%63urrent"
     assert from_filename("%63urrent") == "current"
+
+
+class MovingHost(Host):
+    """A test:/// host that "migrates" by defining the domain on the other host and
+    undefining it here (the test driver has none), and whose listings wait for `go` when
+    `hold` is set: a listing in flight while a domain leaves."""
+
+    def __init__(self, connection: Connection) -> None:
+        super().__init__(connection)
+        self.hold = False
+        self.go = trio.Event()
+
+    async def list_domains(self) -> list[tuple[str, str]]:
+        listing = await super().list_domains()
+        if self.hold:
+            await self.go.wait()
+        return listing
+
+    async def migrate(self, uuid, destination, words, params) -> None:
+        def move(conn) -> None:
+            dom = conn.lookupByUUIDString(uuid)
+            xml = dom.XMLDesc(0)
+            with destination.connection.using() as dconn:
+                dconn.defineXML(xml).create()
+            dom.destroy()
+            dom.undefine()
+        await self.connection.call(move)
+
+
+async def test_a_folder_moved_by_mv_survives_a_listing_of_its_old_host_in_flight(
+        tmp_path) -> None:
+    hosts = {}
+    for name in ("a", "b"):
+        xml = tmp_path / f"{name}.xml"
+        domain = ("<domain type='test'><name>alpha</name><memory>65536</memory>"
+                  "<os><type>hvm</type></os></domain>") if name == "a" else ""
+        xml.write_text(f"<node>{domain}</node>")
+        hosts[name] = MovingHost(Connection(f"test://{xml}", timeout=5))
+    root = RootDirectory(Context(), hosts)
+    source = await walk(root, "hosts/a/domains")
+    target = await walk(root, "hosts/b/domains")
+    folder = await walk(root, "hosts/a/domains/alpha")
+    assert isinstance(source, Directory) and isinstance(target, Directory)
+    async with trio.open_nursery() as nursery:
+        hosts["a"].hold = True
+        nursery.start_soon(lambda: source.children(refresh=True))  # lists alpha, then waits
+        await trio.sleep(0.1)
+        await source.rename("alpha", target, "alpha")
+        hosts["a"].go.set()
+    assert folder.alive, "the listing begun before the move made the moved folder vanish"
+    assert (await target.children())["alpha"] is folder
+    assert "alpha" not in await source.children(refresh=True)
+    state = await folder.lookup("state")
+    assert isinstance(state, File) and await state.content() == b"running\n"
+    assert folder.path == "/hosts/b/domains/alpha"
