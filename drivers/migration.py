@@ -101,14 +101,18 @@ def migrate(dom: libvirt.virDomain, dconn: libvirt.virConnect | None, dest_uri: 
 
 
 def _explained(error: DriverError, params: Mapping[str, str]) -> DriverError:
-    """libvirt's error, with the hint a user needs when the destination named itself by a
-    host name the source cannot resolve (two daemons on one machine, say)."""
+    """libvirt's error, as EEXIST when the name is taken at the destination (libvirt says
+    only "operation failed"), and with the hint a user needs when the destination named
+    itself by a host name the source cannot resolve (two daemons on one machine, say)."""
     message = error.strerror or ""
+    err = error.errno or errno.EIO
+    if error.libvirt_code == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in message:
+        err = errno.EEXIST  # the name (or UUID) is taken at the destination
     if "migrate-uri" not in params and ("resolve address" in message
                                         or "Name or service not known" in message):
         message += ("; the destination gave its host name as the migration address: "
                     "give one the source reaches, e.g. migrate-uri=tcp://ADDRESS")
-    return DriverError(error.errno or errno.EIO, message, error.libvirt_code)
+    return DriverError(err, message, error.libvirt_code)
 
 
 def open_destination(uri: str) -> libvirt.virConnect:

@@ -183,7 +183,8 @@ def test_refused_migrations_leave_the_vm_running_at_the_source(
     write_file(taken / "xml", GUEST.format(name=name, mib=64))
     with pytest.raises(OSError) as caught:
         write_file(control, f"migrate b live persist {LOOPBACK}\n")
-    assert caught.value.errno in (errno.EEXIST, errno.EBUSY, errno.EIO), caught.value
+    assert caught.value.errno == errno.EEXIST, caught.value
+    assert "already exists" in user_error(control)
     assert virsh_state(qemu_uri, name) == "running"
     assert virsh_state(second_uri, name) == "shut off"
     result = sh(f"mv {folder} {both.host('b')}/domains/", check=False)
@@ -248,3 +249,28 @@ def assert_migrating(uri: str, domain: str) -> None:
 def assert_not_migrating(uri: str, domain: str) -> None:
     assert "Unbounded" not in run("virsh", "-c", uri, "domjobinfo", domain,
                                   check=False).stdout
+
+
+def test_p2p_hands_the_migration_to_the_source_daemon(both, qemu_uri, second_uri, name) -> None:
+    folder = running_guest(both, "a", name)
+    # tunnelled: the data goes through the daemons' connection, so no migrate-uri.
+    sh(f"echo 'migrate b p2p tunnelled live persist undefine-source' > {folder}/control")
+    assert virsh_state(second_uri, name) == "running"
+    assert virsh_state(qemu_uri, name) == "absent"
+    # From the second daemon, a's URI (qemu:///system) means the second daemon itself.
+    there = both.host("b") / "domains" / name
+    with pytest.raises(OSError) as caught:
+        write_file(there / "control", "migrate a p2p live persist undefine-source\n")
+    assert "same host" in user_error(there / "control"), caught.value
+    assert virsh_state(second_uri, name) == "running"
+
+
+def test_a_uri_no_mounted_host_has_is_opened_for_the_call(
+        mount_factory, qemu_uri, second_uri, name) -> None:
+    mounted = mount_factory(f"a={qemu_uri}")
+    folder = running_guest(mounted, "a", name)
+    sh(f"echo 'migrate {second_uri} live persist undefine-source {LOOPBACK}' "
+       f"> {folder}/control")
+    assert virsh_state(second_uri, name) == "running"
+    assert virsh_state(qemu_uri, name) == "absent"
+    eventually(lambda: name not in os.listdir(mounted.host("a") / "domains"))
