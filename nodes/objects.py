@@ -156,16 +156,20 @@ class ObjectDirectory(Directory):
             await trio.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - trio.current_time())))
 
     def rehost(self, host: Host) -> None:
-        """The object now lives on `host` (migrated by mv): this folder, and its inode,
-        show it there.  Its files were made for the old host: whoever holds one gets
-        ENOENT, and a fresh lookup finds new ones."""
+        """The object now lives on `host` (migrated by mv): this folder and its files, and
+        their inodes, show it there (the kernel may hand out the files it knows before it
+        hears of anything).  What sub-folders held was made for the old host: it goes, and
+        is listed afresh."""
         self.host = host
-        old = dict(self._by_name)
-        self._by_key, self._by_name = {}, {}
-        self.invalidate()
-        for name, child in old.items():
-            child.vanish()
-            self.ctx.entry_changed(self, name, child)
+        self.invalidate_all()
+        for child in self._by_name.values():
+            if isinstance(child, Directory) and hasattr(child, "host"):
+                child.host = host
+                for name, grandchild in child._by_name.items():
+                    grandchild.vanish()
+                    self.ctx.entry_changed(child, name, grandchild)
+                child._by_key, child._by_name = {}, {}
+                child.invalidate()
 
     def invalidate_all(self) -> None:
         for node in self.walk_known():
@@ -175,7 +179,8 @@ class ObjectDirectory(Directory):
         return []
 
     def served(self) -> list[Entry]:
-        ctx, host, kind = self.ctx, self.host, self.kind
+        # `self.host`, not the host of now: a folder migrated by mv keeps its files.
+        ctx, kind = self.ctx, self.kind
 
         async def state() -> bytes:
             return word(await self.state())
@@ -184,10 +189,10 @@ class ObjectDirectory(Directory):
             return key_values(await self.info())
 
         async def autostart() -> bool:
-            return await host.autostart(kind, self.key)  # type: ignore[arg-type]
+            return await self.host.autostart(kind, self.key)  # type: ignore[arg-type]
 
         async def set_autostart(value: bool) -> None:
-            await host.set_autostart(kind, self.key, value)  # type: ignore[arg-type]
+            await self.host.set_autostart(kind, self.key, value)  # type: ignore[arg-type]
             self.invalidate_all()  # `info` says autostart too
 
         return [
