@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import libvirt
 import trio
 
-from libvirtfs.drivers import events, faults
+from libvirtfs.drivers import events, eventwords, faults
 from libvirtfs.drivers.errors import DriverError, from_libvirt
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class Connection:
         self._open_lock = threading.Lock()
         self._on_open: list[tuple[OnOpen, OnClose | None]] = []
         self._on_late: list[Callable[[str], None]] = []
+        self._on_lost: list[Callable[[str], None]] = []
         self.faults = faults.from_environment()
         self._state_lock = threading.Lock()
         self._abandoned = 0  # threads of abandoned calls still running
@@ -132,6 +133,12 @@ class Connection:
         `on_close(conn)` runs before that connection is closed, to undo them."""
         self._on_open.append((callback, on_close))
 
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Run `callback(reason)` (in whichever thread notices) when the open connection is
+        lost; reason is a word: eof, error, keepalive, client (libvirt's close reasons) or
+        dead (found not alive)."""
+        self._on_lost.append(callback)
+
     def on_late(self, callback: Callable[[str], None]) -> None:
         """Run `callback(description)` (in the worker thread) when an abandoned call returns:
         what it did has not been reported to anyone."""
@@ -174,7 +181,7 @@ class Connection:
             if _alive(self._conn):
                 return self._conn
             log.warning("connection to %s was lost; reconnecting", self.where)
-            self._lose(self._conn)
+            self._lose(self._conn, word="dead")
         self._close_lost()
         events.ensure_event_loop()
         self._opening = True
@@ -209,7 +216,7 @@ class Connection:
         happens in a worker thread before the next connection is opened."""
         why = self._close_reason(reason)
         log.warning("connection to %s closed: %s", self.where, why)
-        self._lose(conn, why)
+        self._lose(conn, why, eventwords.close_reason(reason))
 
     def _close_reason(self, reason: int) -> str:
         interval, count = self.keepalive
@@ -221,13 +228,22 @@ class Connection:
             libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed",
         }.get(reason, f"libvirt closed the connection (reason {reason})")
 
-    def _lose(self, conn: libvirt.virConnect, reason: str = "the connection was lost") -> None:
+    def _lose(self, conn: libvirt.virConnect, reason: str = "the connection was lost",
+              word: str = "") -> None:
+        """`reason` for `status`, `word` for the events file (none: not worth a line)."""
         with self._state_lock:
-            if self._conn is conn:
+            current = self._conn is conn
+            if current:
                 self._conn = None
                 self._down_reason = reason
             if conn not in self._lost:
                 self._lost.append(conn)
+        if current and word and not self._closing.is_set():
+            for callback in self._on_lost:
+                try:
+                    callback(word)
+                except Exception:
+                    log.exception("reporting a lost connection")
 
     def _close_lost(self) -> None:
         """Close lost connections that no call uses any more (under `_open_lock`).  Their
@@ -263,7 +279,7 @@ class Connection:
                     log.warning("connection to %s was lost: %s", self.where,
                                 e.get_error_message())
                     # Closed by the next _open, once nobody uses it.
-                    self._lose(conn, e.get_error_message())
+                    self._lose(conn, e.get_error_message(), "dead")
                 raise from_libvirt(e) from None
         faults.FaultRules.apply_stall(fault)
         return result

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import libvirt
 import trio
+
+from libvirtfs.drivers import eventwords
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +61,32 @@ class Change:
     listing: bool = True
 
 
+# publish(kind, name, event, detail, when): one line of hosts/<host>/events (nodes/stream.py)
+Publish = Callable[[str, str, str, str, float], None]
+
+
 class EventForwarder:
     """Registers libvirt event callbacks on a connection and forwards them as `Change`s to a
-    trio-side callback."""
+    trio-side callback, and as event lines to `publish` (words: drivers/eventwords.py)."""
 
-    def __init__(self, token: trio.lowlevel.TrioToken, deliver: Callable[[Change], None]) -> None:
+    def __init__(self, token: trio.lowlevel.TrioToken, deliver: Callable[[Change], None],
+                 publish: Publish | None = None) -> None:
         self._token = token
         self._deliver = deliver
+        self._publish = publish
         # Per connection: how to undo each registration made on it.
         self._registered: dict[libvirt.virConnect, list[tuple[Callable[[int], None], int]]] = {}
 
     def _send(self, change: Change) -> None:
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._deliver, change)
+
+    def _line(self, kind: str, name: str, event: str, detail: str = "") -> None:
+        """One event line, stamped now (on libvirt's thread, when the event came)."""
+        if self._publish is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._publish, kind, name, event, detail, time.time())
 
     def register(self, conn: libvirt.virConnect) -> None:
         """Called in a worker thread each time the connection opens.  Events missed while
@@ -79,12 +95,15 @@ class EventForwarder:
         if conn in self._registered:
             return  # on_open and the first call may both hand over the same connection
         self._send(Change("host", detail="connected"))
+        self._line("host", "", "connected")
         domain = (conn.domainEventRegisterAny, conn.domainEventDeregisterAny)
         network = (conn.networkEventRegisterAny, conn.networkEventDeregisterAny)
         pool = (conn.storagePoolEventRegisterAny, conn.storagePoolEventDeregisterAny)
         registrations = [
             (domain, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._domain),
             (domain, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._domain_plain),
+            (domain, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._job_completed),
+            (domain, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._block_job),
             (network, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE, self._network),
             (pool, libvirt.VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE, self._pool),
         ]
@@ -110,24 +129,47 @@ class EventForwarder:
             with contextlib.suppress(libvirt.libvirtError):
                 deregister(callback_id)
 
+    def lost(self, reason: str) -> None:
+        """The connection was lost (Connection.on_lost): `host NAME disconnected REASON`."""
+        self._line("host", "", "disconnected", reason)
+
     def late(self, what: str) -> None:
         """An abandoned call finished after all: anything may have changed."""
         self._send(Change("host", detail=f"late outcome of {what}"))
 
+    # Callbacks, on libvirt's event thread.  An object's name() is kept in the object
+    # libvirt hands over: asking it costs no call to the daemon.
+
     def _domain(self, conn, dom, event, detail, opaque) -> None:
         self._send(Change("domain", dom.UUIDString(), f"{event}:{detail}"))
+        self._line("domain", dom.name(), *eventwords.domain_lifecycle(event, detail))
 
     def _domain_plain(self, conn, dom, opaque) -> None:
         self._send(Change("domain", dom.UUIDString(), "reboot", listing=False))
+        self._line("domain", dom.name(), "rebooted")
 
     def _domain_metadata(self, conn, dom, kind, nsuri, opaque) -> None:
         self._send(Change("domain", dom.UUIDString(), "metadata", listing=False))
+        self._line("domain", dom.name(), "metadata-changed", eventwords.metadata_type(kind))
+
+    def _job_completed(self, conn, dom, params, opaque) -> None:
+        self._send(Change("domain", dom.UUIDString(), "job", listing=False))
+        operation = params.get(getattr(libvirt, "VIR_DOMAIN_JOB_OPERATION", "operation"), 0)
+        self._line("domain", dom.name(), "job-completed", eventwords.job_operation(operation))
+
+    def _block_job(self, conn, dom, disk, kind, status, opaque) -> None:
+        self._send(Change("domain", dom.UUIDString(), "block job", listing=False))
+        event, job = eventwords.block_job(status, kind)
+        self._line("domain", dom.name(), event, f"{job}:{disk}")
 
     def _network(self, conn, net, event, detail, opaque) -> None:
         self._send(Change("network", net.UUIDString(), f"{event}:{detail}"))
+        self._line("network", net.name(), eventwords.network_lifecycle(event))
 
     def _pool(self, conn, pool, event, detail, opaque) -> None:
         self._send(Change("pool", pool.UUIDString(), f"{event}:{detail}"))
+        self._line("pool", pool.name(), eventwords.pool_lifecycle(event))
 
     def _pool_plain(self, conn, pool, opaque) -> None:
         self._send(Change("pool", pool.UUIDString(), "refresh"))
+        self._line("pool", pool.name(), "refreshed")

@@ -161,9 +161,10 @@ class Mount:
         host = directory.host
         assert host is not None and self._nursery is not None
         forwarder = EventForwarder(trio.lowlevel.current_trio_token(),
-                                   self._deliver_to(directory))
+                                   self._deliver_to(directory), directory.events.publish)
         host.connection.on_open(forwarder.register, forwarder.deregister)
         host.connection.on_late(forwarder.late)
+        host.connection.on_lost(forwarder.lost)
         await host.connection.call(forwarder.register)  # already open: register now
         scope = self._tending[directory] = trio.CancelScope()
         self._nursery.start_soon(self._tend, directory, scope)

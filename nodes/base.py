@@ -110,6 +110,8 @@ class Node:
     # Each program gets an inode of its own for this node (vfs/callers.py): the kernel
     # serialises writes on one inode, and one program's write may wait long.
     per_caller = False
+    # What it shows changes with every read (a stream): the kernel caches no attributes.
+    uncached = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

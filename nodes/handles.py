@@ -34,6 +34,9 @@ class Handle:
     # Whether a write() may wait long (a control word's `wait`): the vfs then watches the
     # writer, so that `kill -9` lets it go.  Buffered writes return at once.
     writes_may_wait = False
+    # Whether a read() may wait for data (a stream): the vfs then watches the reader, so
+    # that Ctrl-C and `kill` reach it (vfs/signals.py).
+    reads_may_wait = False
 
     def __init__(self, node: File) -> None:
         self.node = node
@@ -43,6 +46,10 @@ class Handle:
 
     async def write(self, offset: int, buf: bytes) -> int:
         raise OSError(errno.EBADF, f"{self.node.path} is not open for writing")
+
+    def stream_size(self) -> int | None:
+        """The st_size this handle's program sees, for streams (None: the file's own)."""
+        return None
 
     async def truncate(self, size: int) -> None:
         raise OSError(errno.EBADF, f"{self.node.path} is not open for writing")

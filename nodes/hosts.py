@@ -31,6 +31,7 @@ from libvirtfs.nodes.guard import Guard
 from libvirtfs.nodes.networks import NetworksDirectory
 from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.storage import PoolsDirectory
+from libvirtfs.nodes.stream import EventStream, StreamFile
 from libvirtfs.nodes.writable import WordFile
 
 if TYPE_CHECKING:
@@ -121,6 +122,10 @@ class HostDirectory(StaticDirectory):
         self._connecting = trio.Lock()
         self._to_list: dict[Directory, None] = {}
         self._listing_wanted = trio.Event()
+        # What happens on the host, as lines (drivers/events.py publishes them).
+        self.events = EventStream(lambda: self.name)
+        self._events_file = StreamFile(ctx, self.events)
+        self._events_file.parent, self._events_file.name = self, "events"
 
     @property
     def pending(self) -> bool:
@@ -196,6 +201,13 @@ class HostDirectory(StaticDirectory):
         self.guard.arm()  # a recursive delete: its rmdir of this folder is refused too
         raise fs_error(errno.EPERM, f"{self.path}/{name} is served by libvirtfs and cannot be "
                                     f"removed; rmdir {self.path} disconnects the host")
+
+    async def find(self, name: str) -> Node | None:
+        """`events` is found by name but not listed: it never ends, and whatever reads a
+        whole folder (cp -r, tar, rsync, grep -r) would wait on it for ever."""
+        if name == "events" and not self.pending:
+            return self._events_file
+        return await super().find(name)
 
     def apply(self, change: Change) -> list[Node]:
         """Drop cached renderings that an event made stale, tell the kernel, and have the
@@ -302,6 +314,7 @@ class HostsDirectory(Directory):
             node.guard.check_rmdir(node.path, "a connected host")
             if self.lifecycle is not None:
                 await self.lifecycle.detach(node)
+            node.events.end("removed")  # its readers get the line, then the end of file
         if self._by_name.get(name) is node:
             del self._by_name[name]
         self.touch()

@@ -25,7 +25,7 @@ from libvirtfs.vfs.callers import CallerInodes
 from libvirtfs.vfs.handles import HandleTable
 from libvirtfs.vfs.inodes import InodeTable
 from libvirtfs.vfs.kernel_cache import KernelCache
-from libvirtfs.vfs.pending import Pending, unless_killed
+from libvirtfs.vfs.pending import Pending, unless_interrupted, unless_killed
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class Operations(pyfuse3.Operations):
         self.pending = Pending()
         # fh -> the program that opened it, for handles whose writes may wait long
         self._writers: dict[int, int] = {}
+        # fh -> (node id, opening thread, its program), for handles whose reads may wait
+        self._readers: dict[int, tuple[int, int, int]] = {}
         ctx.changed = self.kernel_cache.node_changed
         ctx.entry_changed = self.kernel_cache.entry_changed
 
@@ -130,7 +132,7 @@ class Operations(pyfuse3.Operations):
         attrs.generation = 0
         # Files with an inode per program are looked up by each program anew, and their
         # per-program inodes hear of no change: nothing about them is cached.
-        timeout = 0 if node.per_caller else self.ctx.cache_timeout
+        timeout = 0 if node.per_caller or node.uncached else self.ctx.cache_timeout
         attrs.entry_timeout = attrs.attr_timeout = timeout
         permissions = node.permissions()
         if node.ctx.read_only and not isinstance(node, Symlink):
@@ -206,7 +208,22 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        return await self.attributes(self._node(inode), inode)
+        node = self._node(inode)
+        attrs = await self.attributes(node, inode)
+        if node.uncached and ctx is not None:
+            size = self._stream_size(node, _program(ctx.pid))
+            if size is not None:
+                attrs.st_size = size
+                attrs.st_blocks = (size + 511) // 512
+        return attrs
+
+    def _stream_size(self, node: Node, program: int) -> int | None:
+        """A stream's size as the program reading it sees it (nodes/stream.py): the
+        size of the handle it opened last on `node`."""
+        for fh, (node_id, _, opener) in reversed(self._readers.items()):
+            if node_id == node.id and opener == program and program > 0:
+                return self.handles.get(fh).stream_size()
+        return None
 
     @_fuse_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
@@ -363,7 +380,10 @@ class Operations(pyfuse3.Operations):
         if not isinstance(node, File):
             raise fs_error(errno.EISDIR, f"{node.path} is a folder")
         if not opens_for_writing(flags):
-            return self._file_info(await node.open_handle(flags))
+            info = self._file_info(await node.open_handle(flags))
+            if self.handles.get(info.fh).reads_may_wait:
+                self._readers[info.fh] = (node.id, ctx.pid, _program(ctx.pid))
+            return info
         self._check_writable_mount(node)
         with calling(ctx.pid) as caller:  # who writes decides what control takes (guard.py)
             handle = await node.open_handle(flags)
@@ -389,7 +409,13 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.handles.get(fh).read(off, size)
+        handle = self.handles.get(fh)
+        reader = self._readers.get(fh)
+        if reader is None:
+            return await handle.read(off, size)
+        # A read that waits for the next event must let Ctrl-C through (vfs/signals.py);
+        # pyfuse3 tells no pid on read, so the program that opened the file is watched.
+        return await unless_interrupted(reader[1:], lambda: handle.read(off, size))
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -410,6 +436,7 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def release(self, fh: int) -> None:
         self._writers.pop(fh, None)
+        self._readers.pop(fh, None)
         handle = self.handles.pop(fh)
         if handle is not None:
             await handle.release()

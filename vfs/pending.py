@@ -22,6 +22,8 @@ from typing import TypeVar
 import outcome
 import trio
 
+from libvirtfs.vfs.signals import interrupted
+
 T = TypeVar("T")
 
 # A write shorter than this is not watched.
@@ -97,3 +99,29 @@ def _being_killed(pid: int) -> bool:
         # finish dying), so another holds the descriptor, and it is not being killed.
         return False
     return False
+
+
+INTERRUPT_POLL_SECONDS = 0.1
+
+
+async def unless_interrupted(pids: tuple[int, ...], fn: Callable[[], Awaitable[T]]) -> T:
+    """`await fn()` (a read that may wait), given up with EINTR once the reading program
+    has an interrupting signal pending (vfs/signals.py): Ctrl-C must end `cat events`."""
+    if not pids:
+        return await fn()
+    result: list[outcome.Outcome[T]] = []
+    async with trio.open_nursery() as nursery:
+        async def run() -> None:
+            try:
+                result.append(outcome.Value(await fn()))
+            except Exception as e:  # not trio.Cancelled: that one is the nursery's
+                result.append(outcome.Error(e))
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(run)
+        await trio.sleep(INTERRUPT_POLL_SECONDS)  # a read that has data never looks
+        while not interrupted(*pids):
+            await trio.sleep(INTERRUPT_POLL_SECONDS)
+        nursery.cancel_scope.cancel()
+    if result:
+        return result[0].unwrap()
+    raise OSError(errno.EINTR, f"process {pids[0]} was interrupted while it waited")
