@@ -1,0 +1,285 @@
+"""hosts/NAME/events: what happens on a host, one line per event, read with cat, tail -f,
+grep -m1, head and Python; Ctrl-C, kill and unmount end a waiting reader at once."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Mounted, eventually, run, sh, write_file
+
+LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (\S+) (\S+) (\S+) (\S+)$")
+
+GUEST = """<domain type='test'>
+  <name>{name}</name>
+  <memory>65536</memory>
+  <os><type>hvm</type></os>
+</domain>
+"""
+
+
+class Reader:
+    """A program reading an events file in the background, its output in a file."""
+
+    def __init__(self, command: list[str], out: Path) -> None:
+        self.out = out
+        self.process = subprocess.Popen(command, stdout=open(out, "wb"),  # noqa: SIM115
+                                        stderr=subprocess.PIPE, text=True)
+
+    def lines(self) -> list[str]:
+        return self.out.read_text().splitlines()
+
+    def events(self) -> list[tuple[str, str, str, str]]:
+        """(kind, name, event, detail) of each line, which must all be well formed."""
+        found = []
+        for line in self.lines():
+            match = LINE.match(line)
+            assert match, line
+            found.append(match.groups())
+        return found
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def readers(tmp_path: Path):
+    started: list[Reader] = []
+
+    def start(*command: str | Path) -> Reader:
+        reader = Reader([str(c) for c in command], tmp_path / f"reader-{len(started)}.out")
+        started.append(reader)
+        time.sleep(0.3)  # it has opened the file
+        return reader
+
+    yield start
+    for reader in started:
+        reader.stop()
+
+
+def say(path: Path, word: str) -> None:
+    sh(f"echo '{word}' > {path}")
+
+
+def seen(reader: Reader, *wanted: tuple[str, ...], timeout: float = 5.0) -> None:
+    """Each of `wanted` (a prefix of kind, name, event, detail) shows up, in order."""
+    def check() -> None:
+        events = reader.events()
+        at = 0
+        for want in wanted:
+            while at < len(events) and events[at][:len(want)] != want:
+                at += 1
+            assert at < len(events), (want, events)
+            at += 1
+    eventually(check, timeout)
+
+
+def test_cat_streams_every_event_from_its_open_on(demo: Mounted, readers) -> None:
+    host = demo.host()
+    control = host / "domains/test/control"
+    first = readers("cat", host / "events")
+    say(control, "suspend")
+    seen(first, ("domain", "test", "suspended", "paused"))
+    second = readers("cat", host / "events")
+    say(control, "resume")
+    seen(first, ("domain", "test", "suspended", "paused"),
+         ("domain", "test", "resumed", "unpaused"))
+    seen(second, ("domain", "test", "resumed", "unpaused"))
+    assert ("domain", "test", "suspended", "paused") not in second.events()
+    # The time is UTC with milliseconds, and now.
+    stamp = first.lines()[-1].split()[0]
+    assert abs(time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+               - time.timezone - time.time()) < 60
+    assert first.process.poll() is None and second.process.poll() is None
+
+
+def test_lifecycle_of_domains_networks_and_pools(demo: Mounted, readers) -> None:
+    host = demo.host()
+    reader = readers("cat", host / "events")
+    domain = host / "domains/ev1"
+    domain.mkdir()
+    write_file(domain / "xml", GUEST.format(name="ev1"))
+    say(domain / "control", "start")
+    say(domain / "control", "destroy")
+    domain.rmdir()
+    say(host / "networks/default/control", "stop")
+    say(host / "networks/default/control", "start")
+    say(host / "pools/default-pool/control", "stop")
+    say(host / "pools/default-pool/control", "start")
+    seen(reader,
+         ("domain", "ev1", "defined", "added"), ("domain", "ev1", "started", "booted"),
+         ("domain", "ev1", "stopped", "destroyed"), ("domain", "ev1", "undefined", "removed"),
+         ("network", "default", "stopped", "-"), ("network", "default", "started", "-"),
+         ("pool", "default-pool", "stopped", "-"), ("pool", "default-pool", "started", "-"))
+
+
+def test_names_with_spaces_percent_and_tabs_stay_one_field(demo: Mounted, readers) -> None:
+    host = demo.host()
+    reader = readers("cat", host / "events")
+    for name, folder in [("a b%c", "a b%25c"), ("tab\tname", "tab\tname")]:
+        (host / "domains" / folder).mkdir()
+        write_file(host / "domains" / folder / "xml", GUEST.format(name=name))
+    seen(reader, ("domain", "a%20b%25c", "defined", "added"),
+         ("domain", "tab%09name", "defined", "added"))
+
+
+def test_tail_f_shows_events_live(demo: Mounted, readers) -> None:
+    host = demo.host()
+    tail = readers("tail", "-f", host / "events")
+    time.sleep(1.2)  # tail has read the file's end and polls now
+    say(host / "domains/test/control", "suspend")
+    seen(tail, ("domain", "test", "suspended", "paused"), timeout=3)
+    say(host / "domains/test/control", "resume")
+    seen(tail, ("domain", "test", "resumed", "unpaused"), timeout=3)
+    assert tail.process.poll() is None
+    assert len(tail.lines()) == 2, tail.lines()  # nothing from before it started
+    # tail -f of every host, as a glob: `events` is found by name, though ls skips it.
+    assert sh(f"cd {demo.path} && echo hosts/*/events").stdout == "hosts/test/events\n"
+
+
+def test_grep_head_and_python_return_at_the_first_match(demo: Mounted, readers) -> None:
+    host = demo.host()
+    events = host / "events"
+    grep = readers("grep", "-m1", "domain test resumed", events)
+    head = readers("head", "-n1", events)
+    python = readers(sys.executable, "-c", f"print(open({str(events)!r}).readline(), end='')")
+    say(host / "domains/test/control", "suspend")
+    for reader in (head, python):
+        assert reader.process.wait(timeout=5) == 0
+        assert reader.events() == [("domain", "test", "suspended", "paused")]
+    time.sleep(0.3)
+    assert grep.process.poll() is None
+    say(host / "domains/test/control", "resume")
+    assert grep.process.wait(timeout=5) == 0
+    assert grep.events() == [("domain", "test", "resumed", "unpaused")]
+
+
+def test_st_size_is_what_the_reader_has_in_front_of_it(demo: Mounted) -> None:
+    events = demo.host() / "events"
+    assert events.stat().st_size == 0  # for ls -l, and for whoever does not read it
+    with open(events, "rb") as f:
+        assert os.fstat(f.fileno()).st_size == 1  # tail -f's way in: see docs/hosts.md
+        say(demo.host() / "domains/test/control", "suspend")
+        line = f.readline()
+        assert LINE.match(line.decode().rstrip("\n"))
+        assert os.fstat(f.fileno()).st_size == len(line) + 1
+    assert events.stat().st_size == 0
+    assert sorted(os.listdir(demo.host())) == ["capabilities.xml", "domains", "info",
+                                               "networks", "pools", "uri"]
+
+
+# -- ending a reader that waits ----------------------------------------------------------
+
+
+def test_ctrl_c_ends_cat_at_once(demo: Mounted) -> None:
+    started = time.monotonic()
+    result = run("timeout", "-s", "INT", "1", "cat", demo.host() / "events", check=False)
+    assert result.returncode == 124
+    assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_ends_a_waiting_reader(demo: Mounted, readers, signum: int) -> None:
+    for command in (["tail", "-f"], ["cat"]):
+        reader = readers(*command, demo.host() / "events")
+        time.sleep(1.2)  # tail is in its poll loop
+        started = time.monotonic()
+        reader.process.send_signal(signum)
+        assert reader.process.wait(timeout=5) == -signum, command
+        assert time.monotonic() - started < 0.5, command
+    assert (demo.host() / "domains/test/state").read_text() == "running\n"
+
+
+def test_keyboard_interrupt_reaches_python_in_readline(demo: Mounted) -> None:
+    script = f"""
+import os, signal, threading, time
+f = open({str(demo.host() / 'events')!r})
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+started = time.monotonic()
+try:
+    f.readline()
+except KeyboardInterrupt:
+    print(round(time.monotonic() - started, 1))
+"""
+    result = run(sys.executable, "-c", script, timeout=10)
+    assert float(result.stdout) < 1.0
+
+
+def test_a_stopped_and_continued_reader_carries_on(demo: Mounted, readers) -> None:
+    reader = readers("cat", demo.host() / "events")
+    reader.process.send_signal(signal.SIGSTOP)
+    say(demo.host() / "domains/test/control", "suspend")
+    reader.process.send_signal(signal.SIGCONT)
+    say(demo.host() / "domains/test/control", "resume")
+    seen(reader, ("domain", "test", "suspended"), ("domain", "test", "resumed"))
+    assert reader.process.poll() is None
+
+
+def test_unmount_with_a_reader_waiting(demo: Mounted, readers) -> None:
+    reader = readers("cat", demo.host() / "events")
+    started = time.monotonic()
+    # Like any open file, the reader keeps the mount busy: fusermount3 -u says so at once.
+    busy = run("fusermount3", "-u", demo.path, check=False, timeout=10)
+    assert busy.returncode != 0 and "busy" in busy.stderr
+    run("fusermount3", "-u", "-z", demo.path, timeout=10)
+    assert reader.process.wait(timeout=5) != 0
+    assert os.strerror(errno.ECANCELED) in reader.process.stderr.read()
+    assert demo.process.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+
+
+# -- slow readers, the host's own events ---------------------------------------------------
+
+
+def test_a_reader_that_falls_behind_is_told_how_many_it_missed(demo: Mounted,
+                                                               readers) -> None:
+    host = demo.host()
+    control = host / "domains/test/control"
+    fast = readers("cat", host / "events")
+    slow = open(host / "events", "rb")  # opened, never read until the end  # noqa: SIM115
+    try:
+        fd = os.open(control, os.O_WRONLY)
+        try:
+            for _ in range(600):
+                os.write(fd, b"suspend\n")
+                os.write(fd, b"resume\n")
+        finally:
+            os.close(fd)
+        def all_arrived() -> None:
+            assert len(fast.lines()) >= 1200
+        eventually(all_arrived, 30)
+        assert len(fast.events()) == 1200  # a reader that keeps up misses nothing
+        os.set_blocking(slow.fileno(), True)
+        got = b""
+        while not got.endswith(b"\n") or b" missed " not in got:
+            got += os.read(slow.fileno(), 1 << 20)
+        lines = got.decode().splitlines()
+    finally:
+        slow.close()
+    assert len(lines) == 1001
+    assert all(LINE.match(line) for line in lines)
+    assert lines[:1000] == fast.lines()[:1000]
+    assert LINE.match(lines[-1]).groups() == ("host", "test", "missed", "200")
+
+
+def test_disconnect_and_reconnect_are_events(tmp_path: Path, mount_factory, readers,
+                                             monkeypatch) -> None:
+    rules = tmp_path / "faults"
+    rules.write_text("")
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    mounted = mount_factory("test:///default")
+    reader = readers("cat", mounted.host() / "events")
+    rules.write_text("test:///default drop\n")
+    run("cat", mounted.host() / "domains/test/state", check=False)
+    rules.write_text("")
+    seen(reader, ("host", "test", "disconnected", "eof"), ("host", "test", "connected", "-"),
+         timeout=10)
