@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,88 @@ def test_disconnect_and_reconnect_are_events(tmp_path: Path, mount_factory, read
     rules.write_text("")
     seen(reader, ("host", "test", "disconnected", "eof"), ("host", "test", "connected", "-"),
          timeout=10)
+
+
+# -- QEMU: changes made by virsh reach the tree and the stream -----------------------------
+
+QEMU_GUEST = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"""
+
+
+@pytest.fixture
+def qemu_guest(qemu_uri: str, tmp_path: Path):
+    """(name, domain XML file) of a guest with a 16 MiB qcow2 disk, removed afterwards."""
+    name = f"events-{uuid.uuid4().hex[:8]}"
+    disk = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", disk, "16M")
+    document = tmp_path / f"{name}.xml"
+    document.write_text(QEMU_GUEST.format(name=name, disk=disk))
+    yield name, document
+    run("virsh", "-c", qemu_uri, "destroy", name, check=False, timeout=120)
+    run("virsh", "-c", qemu_uri, "undefine", "--managed-save", name, check=False, timeout=120)
+
+
+@pytest.mark.qemu
+def test_virsh_changes_show_in_ls_cat_and_events_within_a_second(
+        mount_factory, qemu_uri: str, qemu_guest, readers, tmp_path: Path) -> None:
+    name, document = qemu_guest
+    # Kept renderings last a minute: only libvirt's events can make the tree true in time.
+    mounted = mount_factory(f"lab={qemu_uri}", options="cache_timeout=60")
+    host = mounted.host("lab")
+    reader = readers("cat", host / "events")
+    assert name not in os.listdir(host / "domains")
+    assert not (host / "domains" / name).exists()  # a missing name the kernel remembers
+
+    def virsh(*args: str | Path) -> None:
+        run("virsh", "-c", qemu_uri, *args, timeout=120)
+
+    def within_a_second(check) -> None:
+        eventually(check, timeout=1.0)
+
+    def state_is(word: str):
+        def check() -> None:
+            assert (host / "domains" / name / "state").read_text() == f"{word}\n"
+        return check
+
+    def listed() -> None:
+        assert name in os.listdir(host / "domains")
+
+    def not_listed() -> None:
+        assert name not in os.listdir(host / "domains")
+        assert not (host / "domains" / name).exists()
+
+    virsh("define", document)
+    within_a_second(listed)
+    within_a_second(state_is("shutoff"))
+    virsh("start", name)
+    within_a_second(state_is("running"))
+    virsh("managedsave", name)
+    within_a_second(state_is("shutoff"))
+    assert "managed-save: yes" in (host / "domains" / name / "info").read_text()
+    virsh("start", name)
+    within_a_second(state_is("running"))
+    # An external snapshot of the disk, merged back: a block job libvirt reports.
+    virsh("snapshot-create-as", name, "--disk-only", "--no-metadata",
+          "--diskspec", f"vda,file={tmp_path / 'top.qcow2'}")
+    virsh("blockcommit", name, "vda", "--active", "--pivot", "--wait")
+    virsh("destroy", name)
+    within_a_second(state_is("shutoff"))
+    virsh("undefine", "--managed-save", name)
+    within_a_second(not_listed)
+    seen(reader, ("domain", name, "defined", "added"), ("domain", name, "started", "booted"),
+         ("domain", name, "job-completed", "save"), ("domain", name, "stopped", "saved"),
+         ("domain", name, "started", "restored"),
+         ("domain", name, "block-job-ready", "active-commit:vda"),
+         ("domain", name, "block-job-completed", "active-commit:vda"),
+         ("domain", name, "stopped", "destroyed"), ("domain", name, "undefined", "removed"))
