@@ -65,6 +65,7 @@ class Reader:
         self._lines: deque[bytes] = deque()
         self.queued_bytes = 0
         self.missed = 0
+        self.ended = False  # the host went: end of file once the queue is read
         self._arrived = trio.Event()
 
     def push(self, line: bytes) -> None:
@@ -90,10 +91,14 @@ class Reader:
     def waiting(self) -> bool:
         return bool(self._lines) or self.missed > 0
 
+    def end(self) -> None:
+        self.ended = True
+        self._arrived.set()
+
     async def wait(self) -> None:
-        while not self.waiting:
+        while not self.waiting and not self.ended:
             await self._arrived.wait()
-            if not self.waiting:  # taken meanwhile by another read of the same handle
+            if not self.waiting and not self.ended:  # taken by another read meanwhile
                 self._arrived = trio.Event()
 
     def close(self) -> None:
@@ -109,6 +114,7 @@ class EventStream:
         self.now = now
         self.readers: set[Reader] = set()
         self.published = 0
+        self.ended = False
         self.on_publish: list[Callable[[], None]] = []
 
     def line(self, kind: str, name: str, event: str, detail: str = "",
@@ -117,8 +123,19 @@ class EventStream:
 
     def subscribe(self) -> Reader:
         reader = Reader(self)
-        self.readers.add(reader)
+        if self.ended:
+            reader.end()
+        else:
+            self.readers.add(reader)
         return reader
+
+    def end(self, event: str) -> None:
+        """The host is gone from the mount: a last `host NAME EVENT` line, then every
+        reader reads to the end of the file, as does anyone who opens it still."""
+        self.publish("host", "", event)
+        self.ended = True
+        for reader in list(self.readers):
+            reader.end()
 
     def publish(self, kind: str, name: str, event: str, detail: str = "",
                 when: float | None = None) -> None:

@@ -174,8 +174,7 @@ def test_st_size_is_what_the_reader_has_in_front_of_it(demo: Mounted) -> None:
         assert LINE.match(line.decode().rstrip("\n"))
         assert os.fstat(f.fileno()).st_size == len(line) + 1
     assert events.stat().st_size == 0
-    assert sorted(os.listdir(demo.host())) == ["capabilities.xml", "domains", "info",
-                                               "networks", "pools", "uri"]
+    assert "events" not in os.listdir(demo.host())
 
 
 # -- ending a reader that waits ----------------------------------------------------------
@@ -236,6 +235,21 @@ def test_unmount_with_a_reader_waiting(demo: Mounted, readers) -> None:
     assert os.strerror(errno.ECANCELED) in reader.process.stderr.read()
     assert demo.process.wait(timeout=10) == 0
     assert time.monotonic() - started < 5
+
+
+def test_a_host_added_by_mkdir_has_events_and_rmdir_ends_its_readers(mount_factory,
+                                                                      readers) -> None:
+    mounted = mount_factory("test:///default")
+    added = mounted.path / "hosts/added"
+    added.mkdir()
+    assert not (added / "events").exists()  # nothing to follow until it is connected
+    sh(f"echo test:///default > {added}/uri")
+    reader = readers("cat", added / "events")
+    say(added / "domains/test/control", "suspend")
+    seen(reader, ("domain", "test", "suspended", "paused"))
+    os.rmdir(added)
+    assert reader.process.wait(timeout=5) == 0  # the end of the file
+    assert reader.events()[-1] == ("host", "added", "removed", "-")
 
 
 # -- slow readers, the host's own events ---------------------------------------------------
