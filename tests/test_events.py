@@ -383,3 +383,52 @@ def test_virsh_changes_show_in_ls_cat_and_events_within_a_second(
          ("domain", name, "block-job-ready", "active-commit:vda"),
          ("domain", name, "block-job-completed", "active-commit:vda"),
          ("domain", name, "stopped", "destroyed"), ("domain", name, "undefined", "removed"))
+
+
+# -- the stream without a mount -------------------------------------------------------------
+
+
+def test_odd_names_are_one_field_of_one_line() -> None:
+    from libvirtfs.nodes.stream import event_line, event_word
+    assert event_word("my web") == "my%20web"
+    assert event_word("50%") == "50%25"
+    assert event_word("new\nline\ttab\r") == "new%0Aline%09tab%0D"
+    assert event_word("x\u2028y\x85z") == "x%E2%80%A8y%C2%85z"  # what splitlines() splits at
+    assert event_word("café/ü") == "café/ü"
+    assert event_word("") == "-"
+    line = event_line(0.5, "domain", "a b\nc", "started", "")
+    assert line == b"1970-01-01T00:00:00.500Z domain a%20b%0Ac started -\n"
+    assert len(line.decode().splitlines()) == 1
+
+
+async def test_a_full_queue_drops_the_newest_and_says_how_many() -> None:
+    import trio
+
+    from libvirtfs.nodes.base import Context
+    from libvirtfs.nodes.stream import EventStream, Reader, StreamFile, StreamHandle
+    stream = EventStream(lambda: "lab", now=lambda: 0.0)
+    small = Reader(stream, limit=2)
+    stream.readers.add(small)
+    handle = StreamHandle(StreamFile(Context(), stream), small)
+    assert handle.stream_size() == 1
+    assert await handle.read(0, 1) == b""  # within st_size: no wait (tail -f's first look)
+    with trio.move_on_after(0.2) as waited:
+        await handle.read(0, 4096)  # beyond it: waits for a line
+    assert waited.cancelled_caught
+    for n in range(5):
+        stream.publish("domain", f"vm{n}", "started", "booted")
+    data = await handle.read(0, 4096)
+    assert data.decode().splitlines() == [
+        "1970-01-01T00:00:00.000Z domain vm0 started booted",
+        "1970-01-01T00:00:00.000Z domain vm1 started booted",
+        "1970-01-01T00:00:00.000Z host lab missed 3"]
+    assert handle.stream_size() == len(data) + 1
+    assert await handle.read(0, 20) == data[:20]  # read again after a seek back
+    stream.publish("domain", "vm5", "started", "booted")
+    more = await handle.read(len(data), 4096)
+    assert more.endswith(b"vm5 started booted\n")
+    stream.end("removed")
+    at = len(data) + len(more)
+    last = await handle.read(at, 4096)
+    assert last.endswith(b"host lab removed -\n")
+    assert await handle.read(at + len(last), 4096) == b""  # end of file, at once
