@@ -15,6 +15,8 @@ What a handle looks like to the reading program (docs/hosts.md, "Events"):
   second and reads only the growth of `st_size`), and first reads a file's tail up to its
   size; without the extra byte it would take an empty file for a pipe and wait forever
   for its end.
+- A read from beyond what the reader was given returns the new lines all the same
+  (`tail -n0 -f` starts reading at `st_size`).
 - The last `KEEP_BYTES` given to a reader can be read again: `bash`'s `read` and `grep -m1`
   seek back to just after the line they used.
 """
@@ -171,9 +173,13 @@ class StreamHandle(Handle):
 
     async def read(self, offset: int, size: int) -> bytes:
         if offset >= self._end:
+            new = self._end
             if offset + size > self.stream_size():
                 await self.reader.wait()
             self._data += self.reader.take()
+            # Past what it was given (`tail -n0 -f` starts at st_size, the extra byte):
+            # the new lines, all the same.
+            offset = new
         start = max(offset, self._base) - self._base
         chunk = bytes(self._data[start:start + size])
         keep_from = max(offset + len(chunk) - KEEP_BYTES, self._base)

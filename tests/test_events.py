@@ -143,6 +143,12 @@ def test_tail_f_shows_events_live(demo: Mounted, readers) -> None:
     seen(tail, ("domain", "test", "resumed", "unpaused"), timeout=3)
     assert tail.process.poll() is None
     assert len(tail.lines()) == 2, tail.lines()  # nothing from before it started
+    # -n0 starts at the end, as st_size says; -s polls more often.
+    quick = readers("tail", "-n0", "-s", "0.2", "-f", host / "events")
+    time.sleep(0.5)
+    say(host / "domains/test/control", "suspend")
+    seen(quick, ("domain", "test", "suspended", "paused"), timeout=3)
+    assert len(quick.lines()) == 1
     # tail -f of every host, as a glob: `events` is found by name, though ls skips it.
     assert sh(f"cd {demo.path} && echo hosts/*/events").stdout == "hosts/test/events\n"
 
