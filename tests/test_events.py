@@ -3,6 +3,7 @@ grep -m1, head and Python; Ctrl-C, kill and unmount end a waiting reader at once
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -438,3 +439,51 @@ async def test_a_full_queue_drops_the_newest_and_says_how_many() -> None:
     last = await handle.read(at, 4096)
     assert last.endswith(b"host lab removed -\n")
     assert await handle.read(at + len(last), 4096) == b""  # end of file, at once
+
+
+def test_another_connection_s_changes_show_within_a_second(tmp_path: Path, monkeypatch,
+                                                           readers) -> None:
+    """test:///default lives in the process that opens it: the mount runs in this process
+    (tests/inprocess.py), and a second connection of the test changes the same host."""
+    import libvirt
+    from inprocess import InProcessMount, allow_in_a_thread
+    allow_in_a_thread(monkeypatch)
+    mount = InProcessMount(tmp_path / "mnt", "test:///default", options="cache_timeout=60")
+    mount.start()
+    conn = libvirt.open("test:///default")
+    name = f"events-{uuid.uuid4().hex[:8]}"
+    try:
+        domains = mount.path / "hosts/test/domains"
+        reader = readers("cat", mount.path / "hosts/test/events")
+        assert name not in os.listdir(domains)  # kept for a minute but for events
+
+        def state_is(word: str):
+            def check() -> None:
+                assert (domains / name / "state").read_text() == f"{word}\n"
+            return check
+
+        def listed(present: bool):
+            def check() -> None:
+                assert (name in os.listdir(domains)) == present
+            return check
+
+        domain = conn.defineXML(GUEST.format(name=name))
+        eventually(listed(True), timeout=1.0)
+        eventually(state_is("shutoff"), timeout=1.0)
+        domain.create()
+        eventually(state_is("running"), timeout=1.0)
+        domain.suspend()
+        eventually(state_is("paused"), timeout=1.0)
+        domain.destroy()
+        eventually(state_is("shutoff"), timeout=1.0)
+        domain.undefine()
+        eventually(listed(False), timeout=1.0)
+        seen(reader, ("domain", name, "defined", "added"), ("domain", name, "started", "booted"),
+             ("domain", name, "suspended", "paused"), ("domain", name, "stopped", "destroyed"),
+             ("domain", name, "undefined", "removed"))
+        reader.stop()
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(name).undefine()
+        conn.close()
+        mount.stop()
