@@ -9,12 +9,13 @@ What a handle looks like to the reading program (docs/hosts.md, "Events"):
 
 - A read returns the lines waiting for this reader at once, and waits for the next one when
   none is waiting: `cat`, `grep -m1`, `head -n1`, Python's `readline()`.
-- `st_size`, as the reading program's own `fstat` sees it, is the number of bytes this
-  reader was given so far, plus the bytes waiting for it, plus one.  A read that asks for
-  no more than that does not wait: GNU `tail -f` polls files on FUSE (it fstats every
-  second and reads only the growth of `st_size`), and first reads a file's tail up to its
-  size; without the extra byte it would take an empty file for a pipe and wait forever
-  for its end.
+- `st_size`, as the reading program's own `fstat` sees it, is where its file offset stands
+  after its last read, plus the bytes waiting for it; 1 before its first read.  A read that
+  asks for at most one byte past all there is does not wait.  That is for GNU `tail -f`,
+  which polls files on FUSE: it first reads a file's tail up to `st_size` (with 0 it would
+  take the file for a pipe and wait for its end for ever), then every second reads as many
+  bytes as `st_size` grew, and names the file (`==> events <==`) whenever size or mtime
+  moved: so the size must stand still while nothing happens.
 - A read from beyond what the reader was given returns the new lines all the same
   (`tail -n0 -f` starts reading at `st_size`).
 - The last `KEEP_BYTES` given to a reader can be read again: `bash`'s `read` and `grep -m1`
@@ -163,18 +164,28 @@ class StreamHandle(Handle):
         self.reader = reader
         self._data = bytearray()  # bytes given to this reader, from offset `_base` on
         self._base = 0
+        # Where the reader's file offset stands after its last read (None: no read yet).
+        self._position: int | None = None
 
     @property
     def _end(self) -> int:
         return self._base + len(self._data)
 
     def stream_size(self) -> int:
-        return self._end + self.reader.queued_bytes + 1
+        """Where the reader stands plus what waits for it; 1 before its first read."""
+        start = 1 if self._position is None else self._position
+        return start + self.reader.queued_bytes
 
     async def read(self, offset: int, size: int) -> bytes:
+        chunk = await self._read(offset, size)
+        self._position = offset + len(chunk)
+        return chunk
+
+    async def _read(self, offset: int, size: int) -> bytes:
         if offset >= self._end:
             new = self._end
-            if offset + size > self.stream_size():
+            # Up to one byte past all there is: tail's look at what st_size promised.
+            if offset + size > self._end + self.reader.queued_bytes + 1:
                 await self.reader.wait()
             self._data += self.reader.take()
             # Past what it was given (`tail -n0 -f` starts at st_size, the extra byte):

@@ -154,6 +154,23 @@ def test_tail_f_shows_events_live(demo: Mounted, readers) -> None:
     assert sh(f"cd {demo.path} && echo hosts/*/events").stdout == "hosts/test/events\n"
 
 
+def test_tail_f_of_two_hosts_names_a_file_only_when_it_has_news(mount_factory,
+                                                                readers) -> None:
+    # Both folders show the same test:///default host, so each event comes twice.
+    mounted = mount_factory("test:///default", "other=test:///default")
+    tail = readers("tail", "-s", "0.2", "-f", *sorted(mounted.path.glob("hosts/*/events")))
+    time.sleep(1.5)  # polls that find nothing new print nothing
+    say(mounted.host() / "domains/test/control", "suspend")
+
+    def both_seen() -> None:
+        assert tail.out.read_text().count("domain test suspended paused") == 2
+    eventually(both_seen)
+    time.sleep(1.0)
+    headers = [line for line in tail.lines() if line.startswith("==> ")]
+    # One header per file at the start, then one before each file's news.
+    assert len(headers) <= 4, tail.lines()
+
+
 def test_grep_head_and_python_return_at_the_first_match(demo: Mounted, readers) -> None:
     host = demo.host()
     events = host / "events"
@@ -179,7 +196,12 @@ def test_st_size_is_what_the_reader_has_in_front_of_it(demo: Mounted) -> None:
         say(demo.host() / "domains/test/control", "suspend")
         line = f.readline()
         assert LINE.match(line.decode().rstrip("\n"))
-        assert os.fstat(f.fileno()).st_size == len(line) + 1
+        assert os.fstat(f.fileno()).st_size == len(line)  # where its offset stands
+        say(demo.host() / "domains/test/control", "resume")
+
+        def news_waits() -> None:
+            assert os.fstat(f.fileno()).st_size > len(line)
+        eventually(news_waits)
     assert events.stat().st_size == 0
     assert "events" not in os.listdir(demo.host())
 
@@ -429,7 +451,7 @@ async def test_a_full_queue_drops_the_newest_and_says_how_many() -> None:
         "1970-01-01T00:00:00.000Z domain vm0 started booted",
         "1970-01-01T00:00:00.000Z domain vm1 started booted",
         "1970-01-01T00:00:00.000Z host lab missed 3"]
-    assert handle.stream_size() == len(data) + 1
+    assert handle.stream_size() == len(data)
     assert await handle.read(0, 20) == data[:20]  # read again after a seek back
     stream.publish("domain", "vm5", "started", "booted")
     more = await handle.read(len(data), 4096)
