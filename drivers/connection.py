@@ -55,6 +55,8 @@ MAX_ABANDONED = 64
 PROBE_SECONDS = 5.0
 # While one call waits, another running longer than this makes the watcher probe.
 KICK_SECONDS = 0.1
+# Long calls (jobs) one host may run at once.
+MAX_LONG_CALLS = 32
 
 # libvirt's own default for remote connections: a ping every 5 s, lost after 3 unanswered.
 DEFAULT_KEEPALIVE = (5, 3)
@@ -94,6 +96,10 @@ class Connection:
         self._hung_since: float | None = None
         self._in_flight: set[trio.CancelScope] = set()
         self._running: set[_Call] = set()  # calls whose threads are in libvirt now
+        # Long calls (jobs, drivers/jobs.py): no timeout, never abandoned, not counted as
+        # stuck; they have their own thread allowance.
+        self._long: set[_Call] = set()
+        self._long_threads = trio.CapacityLimiter(MAX_LONG_CALLS)
         self._watcher: threading.Thread | None = None
         # Set by close_now: the watcher stops, and no probe opens a connection again.
         self._closing = threading.Event()
@@ -347,9 +353,13 @@ class Connection:
             now = time.monotonic()
             with self._state_lock:
                 waiting = sorted(now - call.began for call in self._running)
+                jobs = bool(self._long)
             # One call that waits long is its own business (the timeout's); a second one
-            # waiting behind it may be one of those replies.
-            if len(waiting) >= 2 and waiting[-2] > KICK_SECONDS:
+            # waiting behind it may be one of those replies.  A running job is such a
+            # long waiter: one ordinary call behind it is enough.
+            behind = waiting[-1] if jobs and waiting else (
+                waiting[-2] if len(waiting) >= 2 else 0.0)
+            if behind > KICK_SECONDS:
                 self._start_probe()
 
     def _start_probe(self) -> None:
@@ -445,6 +455,37 @@ class Connection:
                                                f"probe got no answer either")
         raise DriverError(errno.ETIMEDOUT, f"libvirt did not answer within {self.timeout:g} s "
                                            f"({self.where})")
+
+    async def call_long(self, fn: Callable[..., T], *args: Any, what: str | None = None) -> T:
+        """`fn(conn, *args)` in a worker thread with no timeout: a job (drivers/jobs.py),
+        which runs as long as it progresses, watched by its own short calls.  It is not a
+        stuck call for the hung-host rule and is never abandoned while anyone waits; only
+        a cancel from outside (unmount) leaves its thread to finish alone."""
+        if self._hung_since is not None:
+            raise DriverError(errno.ETIMEDOUT, f"{self.where} is not answering: a liveness "
+                                               f"probe has waited "
+                                               f"{time.monotonic() - self._hung_since:.0f} s")
+        call = _Call(what or getattr(fn, "__qualname__", "a libvirt job"))
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="libvirtfs-watch",
+                                             daemon=True)
+            self._watcher.start()
+
+        def in_thread() -> T:
+            with self._state_lock:
+                call.started = True
+                call.began = time.monotonic()
+                self._long.add(call)
+            try:
+                return self._run(fn, args)
+            finally:
+                with self._state_lock:
+                    call.done = True
+                    self._long.discard(call)
+
+        self._token = trio.lowlevel.current_trio_token()
+        return await trio.to_thread.run_sync(in_thread, limiter=self._long_threads,
+                                             abandon_on_cancel=True)
 
     def _abandon(self, call: _Call) -> bool:
         """Nobody waits for `call` any more; True if its thread is still in libvirt."""

@@ -29,6 +29,9 @@ ACTIONS: dict[str, dict[str, Action]] = {
         "suspend": _on("domain", lambda dom: dom.suspend()),
         "resume": _on("domain", lambda dom: dom.resume()),
         "managed-save": _on("domain", lambda dom: dom.managedSave(0)),
+        # A job of this mount is aborted by drivers/jobs.py (its writer learns why); this
+        # aborts another program's job.
+        "abort": _on("domain", lambda dom: dom.abortJob()),
     },
     "pool": {
         "start": _on("pool", lambda pool: pool.create(0)),
@@ -41,6 +44,9 @@ ACTIONS: dict[str, dict[str, Action]] = {
         "stop": _on("network", lambda net: net.destroy()),
     },
 }
+
+# Domain words that run as jobs (drivers/jobs.py): nodes/words.py DOMAIN_JOB_WORDS.
+JOB_WORDS = frozenset({"managed-save"})
 
 # The words of nodes/words.py's UNDEFINE_FLAGS (user.undefine-flags on domains/).
 UNDEFINE_FLAGS: dict[str, int] = {

@@ -13,18 +13,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 import trio
 
 from libvirtfs.drivers import migration, records, statedir, xmldocs
 from libvirtfs.drivers.connection import Connection
-from libvirtfs.drivers.control import ACTIONS, remove_object, rename_object
+from libvirtfs.drivers.control import ACTIONS, JOB_WORDS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
 from libvirtfs.drivers.errors import from_libvirt
+from libvirtfs.drivers.jobs import DEFAULT_STALL_SECONDS, Jobs
 from libvirtfs.drivers.snapshots import SnapshotCalls
 from libvirtfs.drivers.states import (
     domain_reason_word,
@@ -37,6 +38,7 @@ from libvirtfs.drivers.states import (
 log = logging.getLogger(__name__)
 
 Info = dict[str, Any]
+T = TypeVar("T")
 
 
 def _domain(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
@@ -57,9 +59,30 @@ class Host(SnapshotCalls):
 
     max_document_bytes = xmldocs.MAX_DOCUMENT_BYTES
 
-    def __init__(self, connection: Connection, state_dir: Path | None = None) -> None:
+    def __init__(self, connection: Connection, state_dir: Path | None = None, *,
+                 job_stall: float = DEFAULT_STALL_SECONDS) -> None:
         self.connection = connection
         self.definitions = Definitions(statedir.StateDir(state_dir or statedir.default_state_dir()))
+        self.jobs = Jobs(connection, stall_seconds=job_stall)
+
+    # -- jobs (drivers/jobs.py) --------------------------------------------------------
+
+    async def run_job(self, uuid: str, what: str,
+                      fn: Callable[[libvirt.virConnect], T]) -> T:
+        """`fn(conn)` (blocking, in a worker thread) as a job on domain `uuid`: no
+        per-call timeout, watched in `job`, abortable; `what` names it there."""
+        return await self.jobs.run(uuid, what, fn)
+
+    def job_running(self, uuid: str) -> bool:
+        return self.jobs.running(uuid)
+
+    async def domain_job(self, uuid: str) -> Info:
+        """The `job` file: the running job's stats, or the last job's outcome; {} when
+        no job of this mount ran on the domain."""
+        return self.jobs.status(uuid)
+
+    async def abort_job(self, uuid: str) -> None:
+        await self.jobs.abort(uuid)
 
     async def open(self) -> None:
         """Connect now, so that a bad URI or an unreachable host fails at mount time."""
@@ -268,6 +291,12 @@ class Host(SnapshotCalls):
     async def control(self, kind: str, key: Key, word: str) -> None:
         """Carry out one control word of nodes/words.py; the caller has checked it."""
         action = ACTIONS[kind][word]
+        if kind == "domain" and word == "abort" and self.jobs.running(key):
+            await self.jobs.abort(key)
+            return
+        if kind == "domain" and word in JOB_WORDS:
+            await self.run_job(key, word, lambda conn: action(conn, key))
+            return
         await self.connection.call(action, key, what=f"{kind} {word}")
 
     async def autostart(self, kind: str, key: Key) -> bool:

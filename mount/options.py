@@ -40,6 +40,8 @@ class MountOptions:
     read_only: bool = False
     timeout: float = 30.0
     cache_timeout: float = 1.0
+    # A job (drivers/jobs.py) that makes no progress this long is aborted.
+    job_stall: float = 300.0
 
     def add(self, text: str) -> None:
         """Take one `-o` argument (comma-separated)."""
@@ -48,7 +50,7 @@ class MountOptions:
 
     def _add_one(self, option: str) -> None:
         key, has_value, value = option.partition("=")
-        if key in ("timeout", "cache_timeout"):
+        if key in ("timeout", "cache_timeout", "job_stall"):
             setattr(self, key, _seconds(key, value if has_value else None,
                                         zero_ok=key == "cache_timeout"))
             return

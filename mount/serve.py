@@ -58,7 +58,7 @@ async def open_host(spec: HostSpec, options: MountOptions) -> Host:
     timeout, read_only = host_settings(spec, options)
     connection = Connection(spec.uri, timeout=timeout, read_only=read_only,
                             keepalive=spec.keepalive)
-    host = Host(connection)
+    host = Host(connection, job_stall=options.job_stall)
     try:
         await host.open()
     except BaseException:

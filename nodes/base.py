@@ -267,9 +267,12 @@ class QueryFile(File):
     read itself agree (tar trusts st_size).  mtime moves only when the bytes change.
     """
 
-    def __init__(self, ctx: Context, render: Callable[[], Awaitable[bytes | str]]) -> None:
+    def __init__(self, ctx: Context, render: Callable[[], Awaitable[bytes | str]], *,
+                 cache_seconds: float | None = None) -> None:
         super().__init__(ctx)
         self._render = render
+        # A file that changes while one watches it (`job`) keeps its rendering shorter.
+        self._cache_seconds = cache_seconds
         self._cached: bytes | None = None
         self._fetched_at: float | None = None
         self._generation = 0
@@ -280,8 +283,10 @@ class QueryFile(File):
         self._fetched_at = None  # the old bytes stay, to tell whether the next ones differ
 
     def fresh(self) -> bool:
-        return (self._fetched_at is not None
-                and self.ctx.now() - self._fetched_at < self.ctx.cache_timeout)
+        limit = self.ctx.cache_timeout
+        if self._cache_seconds is not None:
+            limit = min(limit, self._cache_seconds)
+        return self._fetched_at is not None and self.ctx.now() - self._fetched_at < limit
 
     async def content(self) -> bytes:
         if self.fresh():

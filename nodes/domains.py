@@ -10,12 +10,15 @@ from libvirtfs.nodes.base import Directory, Entry, QueryFile, fs_error
 from libvirtfs.nodes.guard import FILE_COPIERS, caller
 from libvirtfs.nodes.names import name_for_new_object
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
+from libvirtfs.nodes.render import key_values
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
 from libvirtfs.nodes.words import (
+    DOMAIN_JOB_WORDS,
     DOMAIN_STATES,
     DOMAIN_WORDS_BY_STATE,
     MIGRATABLE_STATES,
     MIGRATE_WORD,
+    JOB_ABORT_WORD,
     UNDEFINE_FLAGS,
     parse_words,
 )
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 
 UNDEFINE = "user.undefine-flags"
 MIGRATE = "user.migrate"
+# `job` changes while one watches it: its rendering is kept no longer than this (the stat
+# before a read and the read itself still agree).
+JOB_CACHE_SECONDS = 0.1
 
 
 def undefine_words(value: bytes) -> list[str]:
@@ -216,6 +222,7 @@ class DomainDirectory(ObjectDirectory):
                 collection.invalidate()
                 self.ctx.changed(collection)
 
+    served_names = ObjectDirectory.served_names | {"live.xml", "snapshots", "job"}
 
     async def state(self) -> str:
         return (await self.host.domain_state(self.key))[0]  # type: ignore[arg-type]
@@ -227,15 +234,40 @@ class DomainDirectory(ObjectDirectory):
         async def live_xml() -> str:
             return await self.host.domain_live_xml(self.key)  # type: ignore[arg-type]
 
+        async def job() -> bytes:
+            return key_values(await self.host.domain_job(self.key))  # type: ignore[arg-type]
+
         return [
             Entry("live.xml", "live.xml", lambda: QueryFile(self.ctx, live_xml)),
+            Entry("job", "job",
+                  lambda: QueryFile(self.ctx, job, cache_seconds=JOB_CACHE_SECONDS)),
             # Keyed by the domain: a domain defined anew under this name has new snapshots.
             Entry(("snapshots", self.key), "snapshots",
                   lambda: SnapshotsDirectory(self.ctx, self.host, self.key)),
         ]
 
     async def words(self) -> list[str]:
-        return DOMAIN_WORDS_BY_STATE.get(await self.state(), [])
+        words = DOMAIN_WORDS_BY_STATE.get(await self.state(), [])
+        if self.host.job_running(self.key):  # type: ignore[arg-type]
+            words = [*words, JOB_ABORT_WORD]
+        return words
+
+    async def carry_out(self, word: str) -> None:
+        """Jobs run outside the domain's lock: `abort`, reads and the other domains'
+        files go on meanwhile (a second job is refused by the job runner, EBUSY)."""
+        if word == JOB_ABORT_WORD:
+            await self.host.control(self.kind, self.key, word)  # type: ignore[arg-type]
+            self.invalidate_all()
+            return
+        if word not in DOMAIN_JOB_WORDS:
+            await super().carry_out(word)
+            return
+        async with self.lock:
+            await self.check_word(word)
+        try:
+            await self.host.control(self.kind, self.key, word)  # type: ignore[arg-type]
+        finally:
+            self.invalidate_all()
 
     async def check_word(self, word: str) -> None:
         # Checked here so that every hypervisor refuses alike (the test driver calls a

@@ -29,12 +29,17 @@ DOMAIN_WORDS_BY_STATE: dict[str, list[str]] = {
     "nostate": ["destroy"],
 }
 
+# Domain words that run as jobs (drivers/jobs.py): while one runs the domain's lock is
+# not held, so `abort` and reads go on; `abort` is listed only while a job runs.
+DOMAIN_JOB_WORDS = frozenset({"managed-save"})
+JOB_ABORT_WORD = "abort"
+
 # kind -> the words its `control` file takes; every `control` also takes `wait STATE
 # [SECONDS]` (objects.py), and always lists it, so that a saved `control` copied back is
 # never one valid word.
 CONTROL_WORDS: dict[str, list[str]] = {
     "domain": ["start", "start-paused", "shutdown", "reboot", "reset", "destroy", "suspend",
-               "resume", "managed-save"],
+               "resume", "managed-save", "abort"],
     "pool": ["start", "stop", "refresh", "build"],
     "network": ["start", "stop"],
 }
