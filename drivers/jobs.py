@@ -8,16 +8,19 @@ short call) every POLL_SECONDS.  The stats and, once the job has ended, its outc
 the domain's `job` file (`status`), which therefore never waits on libvirt.
 
 - `abort(uuid)` calls `abortJob`; the writer that started the job gets ECANCELED.
-- A job whose counters have not moved for `stall_seconds` is aborted the same way, and its
-  writer gets ETIMEDOUT.  Only a job whose stats have shown counters can stall: one that
-  libvirt reports no progress for (an internal snapshot) runs as long as it runs.
+- A job whose counters have not moved, or whose stats libvirt has not given at all (a
+  stuck QEMU monitor), for `stall_seconds` is aborted the same way, and its writer gets
+  ETIMEDOUT.  A job libvirt reports without counters (an internal snapshot) cannot be
+  judged and is never taken for stalled; nor is one on a hypervisor without job stats.
 - A second job on a domain while one runs is refused with EBUSY, here or by libvirt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +41,8 @@ DEFAULT_STALL_SECONDS = 300.0
 # An abort right after a job began may come before libvirt's side of it: ask again.
 ABORT_ATTEMPTS = 10
 ABORT_RETRY_SECONDS = 0.2
+# How long a poll still in flight when its job ends may take before it is given up.
+FINISH_SECONDS = 2.0
 
 # libvirt's virDomainJobType and virDomainJobOperation, as words.
 JOB_TYPES = {0: "none", 1: "bounded", 2: "unbounded", 3: "completed", 4: "failed",
@@ -79,7 +84,10 @@ class JobRecord:
     abort_at: float | None = None  # when abortJob was last asked for a stall
     progress: tuple[Any, ...] | None = None
     progress_at: float = field(default_factory=time.monotonic)
-    measurable: bool = False  # libvirt has shown counters: a stall can be told
+    polling: bool = False  # a jobStats call is in flight
+    aborting: bool = False  # an abortJob call is in flight
+    pollable: bool = True  # False once the hypervisor says it has no job stats
+    finished: trio.Event = field(default_factory=trio.Event)
 
     @property
     def running(self) -> bool:
@@ -169,21 +177,29 @@ class Jobs:
                                            f"echo abort > control")
         record = JobRecord(what)
         self._records[uuid] = record
-        done = trio.Event()
+        failure: DriverError | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, uuid, record, done)
+                nursery.start_soon(self._watch, uuid, record)
                 try:
                     result = await self.connection.call_long(fn, what=f"job {what}")
+                except DriverError as e:
+                    failure = e
                 finally:
                     record.ended = time.monotonic()
-                    done.set()
-        except DriverError as e:
-            raise self._ended_with(record, e) from None
+                    # A poll in flight is let finish briefly (cancelled, it would be
+                    # reported as a call that timed out), then given up.
+                    nursery.cancel_scope.deadline = trio.current_time() + FINISH_SECONDS
+                    record.finished.set()
         except BaseException:
-            record.status, record.error = "failed", "the mount is going away"
+            # The writer went away (killed) or the mount is going: the job must not run
+            # on unseen; abort it, so that the VM stays where it was.
+            record.status, record.error = "cancelled", "its writer went away"
             record.ended = record.ended or time.monotonic()
+            self._abort_soon(uuid)
             raise
+        if failure is not None:
+            raise self._ended_with(record, failure) from None
         record.status = "completed"
         return result
 
@@ -210,38 +226,76 @@ class Jobs:
             return DriverError(errno.EBUSY, message, error.libvirt_code)
         return error
 
-    async def _watch(self, uuid: str, record: JobRecord, done: trio.Event) -> None:
-        """Poll the job's stats until it ends; abort it if it stalls.  A poll in progress
-        is let finish (it is short): a cancelled one would count as a late call."""
-        while not done.is_set():
-            with trio.move_on_after(self.poll_seconds):
-                await done.wait()
-            if done.is_set():
-                return
+    async def _watch(self, uuid: str, record: JobRecord) -> None:
+        """Poll the job's stats until it ends, in tasks of their own (a poll may wait on
+        a stuck QEMU monitor; one in flight is not doubled); abort the job if it stalls."""
+        async with trio.open_nursery() as nursery:
+            while not record.finished.is_set():
+                with trio.move_on_after(self.poll_seconds):
+                    await record.finished.wait()
+                if record.finished.is_set():
+                    break
+                if not record.polling and record.pollable:
+                    record.polling = True
+                    nursery.start_soon(self._poll, uuid, record)
+                now = time.monotonic()
+                if (record.pollable and record.abort_reason in (None, "stalled")
+                        and now - max(record.progress_at, record.abort_at or 0.0)
+                        >= self.stall_seconds):
+                    # Asked again each stall period until libvirt takes it (a stuck
+                    # monitor may hold the first request back).
+                    log.warning("%s made no progress for %g s: aborting it", record.what,
+                                self.stall_seconds)
+                    record.abort_reason, record.abort_at = "stalled", now
+                    nursery.start_soon(self._abort_quietly, uuid, record)
+            nursery.cancel_scope.cancel()
+
+    async def _poll(self, uuid: str, record: JobRecord) -> None:
+        """One jobStats call.  `record.polling` stays set until its thread is out of
+        libvirt, even after the call timed out: on a stuck monitor each poll holds one of
+        the few requests libvirtd serves a client at once, and piling them up would
+        starve every other call of the host."""
+        started = threading.Event()
+
+        def fetch(conn: libvirt.virConnect) -> dict[str, Any]:
+            started.set()
             try:
-                stats = await self.connection.call(_job_stats, uuid, what="job stats")
-            except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    log.debug("no job stats for %s: %s", record.what, e)
-                    return  # this hypervisor cannot say: no progress to watch
-                stats = None  # no answer is no progress
-            now = time.monotonic()
-            if stats is not None and not done.is_set():
-                record.stats = stats
-                progress = _progress(stats)
-                if progress is not None:
-                    record.measurable = True
-                    if progress != record.progress:
-                        record.progress, record.progress_at = progress, now
-            if (record.measurable and record.abort_reason in (None, "stalled")
-                    and now - max(record.progress_at, record.abort_at or 0.0)
-                    >= self.stall_seconds):
-                # Asked again each stall period until libvirt takes it (a stuck monitor
-                # may hold the first request back).
-                log.warning("%s made no progress for %g s: aborting it", record.what,
-                            self.stall_seconds)
-                record.abort_reason, record.abort_at = "stalled", now
-                await self._abort_call(uuid, record)
+                return _job_stats(conn, uuid)
+            finally:
+                record.polling = False
+
+        try:
+            stats = await self.connection.call(fetch, what="job stats")
+        except OSError as e:
+            if not started.is_set():
+                record.polling = False  # given up before it began: it never will
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                log.debug("no job stats for %s: %s", record.what, e)
+                record.pollable = False  # this hypervisor cannot say: nothing to watch
+            return  # no answer is no progress
+        if record.finished.is_set():
+            return
+        record.stats = stats
+        progress = _progress(stats)
+        # Counters that moved are progress; an answer without counters (a job libvirt
+        # measures nothing of) cannot be judged, and counts as alive.  No answer, or
+        # counters that stay put, is no progress.
+        if progress is None or progress != record.progress:
+            record.progress, record.progress_at = progress, time.monotonic()
+
+    async def _abort_quietly(self, uuid: str, record: JobRecord) -> None:
+        with contextlib.suppress(OSError):
+            await self._abort_call(uuid, record)
+
+    def _abort_soon(self, uuid: str) -> None:
+        """abortJob from a thread of its own, for a job nobody waits for any more."""
+        def abort() -> None:
+            try:
+                with self.connection.using() as conn:
+                    conn.lookupByUUIDString(uuid).abortJob()
+            except (OSError, libvirt.libvirtError) as e:
+                log.info("aborting a job nobody waits for: %s", e)
+        threading.Thread(target=abort, name="libvirtfs-abort", daemon=True).start()
 
     async def abort(self, uuid: str) -> None:
         """`echo abort > control`: abort the running job (abortJob); its writer gets
@@ -254,13 +308,27 @@ class Jobs:
         await self._abort_call(uuid, record)
 
     async def _abort_call(self, uuid: str, record: JobRecord) -> None:
+        """abortJob, one at a time per job (like the polls, a request stuck behind a
+        stuck monitor is not doubled; `record.aborting` clears when its thread is out)."""
         for attempt in range(ABORT_ATTEMPTS):
+            if record.aborting:
+                return  # one is on its way
+            record.aborting = True
+            started = threading.Event()
+
+            def abort(conn: libvirt.virConnect, started: threading.Event = started) -> None:
+                started.set()
+                try:
+                    conn.lookupByUUIDString(uuid).abortJob()
+                finally:
+                    record.aborting = False
+
             try:
-                await self.connection.call(
-                    lambda conn: conn.lookupByUUIDString(uuid).abortJob(),
-                    what=f"abort of {record.what}")
+                await self.connection.call(abort, what=f"abort of {record.what}")
                 return
             except DriverError as e:
+                if not started.is_set():
+                    record.aborting = False
                 if not record.running:
                     return  # it ended meanwhile: nothing was left to abort
                 # Just started: libvirt may not have begun its side of the job yet.

@@ -16,9 +16,9 @@ from libvirtfs.nodes.words import (
     DOMAIN_JOB_WORDS,
     DOMAIN_STATES,
     DOMAIN_WORDS_BY_STATE,
+    JOB_ABORT_WORD,
     MIGRATABLE_STATES,
     MIGRATE_WORD,
-    JOB_ABORT_WORD,
     UNDEFINE_FLAGS,
     parse_words,
 )
