@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
-import trio
 
 from libvirtfs.drivers import migration, records, statedir, xmldocs
 from libvirtfs.drivers.connection import Connection
@@ -323,14 +321,15 @@ class Host(SnapshotCalls):
     async def migrate(self, uuid: str, destination: Host | str, words: Sequence[str],
                       params: dict[str, str]) -> None:
         """Move the domain `uuid` to another mounted host (both connections are held for
-        the call) or to a URI; returns when libvirt says it has finished.  A long call:
-        no per-call timeout (a migration runs as long as it moves); if the caller goes
-        away (killed, unmount) the migration is aborted and the VM stays here."""
+        the call) or to a URI; returns when libvirt says it has finished.  A job
+        (drivers/jobs.py): no per-call timeout, watched in `job`, `abort` and job_stall
+        abort it; if the caller goes away (killed, unmount) it is aborted and the VM
+        stays here."""
         dest_host = destination if isinstance(destination, Host) else None
         dest_uri = destination if isinstance(destination, str) else None
 
-        def run() -> None:
-            with self._translated(), self.connection.using() as conn:
+        def run(conn: libvirt.virConnect) -> None:
+            with self._translated():
                 dom = _domain(conn, uuid)
                 if dest_host is not None:
                     with dest_host.connection.using() as dconn:
@@ -345,19 +344,8 @@ class Host(SnapshotCalls):
                     finally:
                         migration.close_quietly(dconn)
 
-        def abort() -> None:
-            with contextlib.suppress(OSError, libvirt.libvirtError), \
-                    self.connection.using() as conn:
-                migration.abort(_domain(conn, uuid))
-
-        try:
-            await trio.to_thread.run_sync(run, abandon_on_cancel=True,
-                                          limiter=_LONG_CALLS)
-        except trio.Cancelled:
-            log.warning("migration of %s from %s given up by its caller: aborting it",
-                        uuid, self.connection.where)
-            threading.Thread(target=abort, name="libvirtfs-abort", daemon=True).start()
-            raise
+        where = (dest_host.connection.where if dest_host is not None else dest_uri)
+        await self.run_job(uuid, f"migrate {where}", run)
 
     @staticmethod
     @contextlib.contextmanager
@@ -367,6 +355,3 @@ class Host(SnapshotCalls):
         except libvirt.libvirtError as e:
             raise from_libvirt(e) from None
 
-
-# Long calls (migrations) of the whole mount at once; each holds a worker thread.
-_LONG_CALLS = trio.CapacityLimiter(16)

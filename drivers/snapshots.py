@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import libvirt
 from lxml import etree
@@ -22,7 +22,11 @@ from libvirtfs.nodes.words import SNAPSHOT_REDEFINE_FLAGS
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from libvirtfs.drivers.connection import Connection
+
+T = TypeVar("T")
 
 Info = dict[str, Any]
 
@@ -149,8 +153,20 @@ def _location(element: etree._Element | None) -> str:
     return f"{kind} {where}" if where else kind
 
 
+def _is_external(snap: libvirt.virDomainSnapshot) -> bool:
+    """Whether deleting `snap` merges files (external memory or disks): a long job."""
+    doc = _document(snap)
+    return any(element.get("snapshot") == "external"
+               for element in [doc.find("memory"), *doc.findall("disks/disk")]
+               if element is not None)
+
+
 class SnapshotCalls:
     connection: Connection
+
+    if TYPE_CHECKING:
+        async def run_job(self, uuid: str, what: str,
+                          fn: Callable[[libvirt.virConnect], T]) -> T: ...
 
     @staticmethod
     def check_snapshot_template(data: bytes) -> None:
@@ -218,7 +234,15 @@ class SnapshotCalls:
                 raise DriverError(errno.EEXIST, f"domain {dom.name()!r} has a snapshot named "
                                                 f"{name!r} already")
             dom.snapshotCreateXML(document, value)
-        await self.connection.call(create)
+
+        # With memory (a running domain, not disk-only) a snapshot writes all of the
+        # guest's memory: a job (drivers/jobs.py), watched in `job`, abortable.
+        memory = "disk-only" not in flags and await self.connection.call(
+            lambda conn: bool(conn.lookupByUUIDString(uuid).isActive()))
+        if memory:
+            await self.run_job(uuid, f"snapshot {name}", create)
+        else:
+            await self.connection.call(create)
 
     async def redefine_snapshot(self, uuid: str, name: str, data: bytes,
                                 flags: list[str]) -> None:
@@ -239,7 +263,14 @@ class SnapshotCalls:
         def delete(conn: libvirt.virConnect) -> None:
             snap = _snapshot(conn, uuid, name)
             snap.delete(bits(flags, DELETE_FLAGS))
-        await self.connection.call(delete)
+
+        # Deleting an external snapshot merges its files back: a job.
+        external = "metadata-only" not in flags and await self.connection.call(
+            lambda conn: _is_external(_snapshot(conn, uuid, name)))
+        if external:
+            await self.run_job(uuid, f"snapshot-delete {name}", delete)
+        else:
+            await self.connection.call(delete)
 
     async def revert_snapshot(self, uuid: str, name: str, word: str,
                               modifiers: list[str]) -> None:

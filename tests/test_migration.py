@@ -8,6 +8,7 @@ keeps the receiving QEMU on loopback).  docs/hosts.md, "Migration".
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -218,14 +219,26 @@ def test_progress_shows_while_the_vm_moves_slowly(both, qemu_uri, second_uri, na
     began = time.monotonic()
     writer.start()
     seen = []
+    watched = []  # what `cat job` showed (drivers/jobs.py)
+    here = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     while writer.is_alive():
         job = run("virsh", "-c", qemu_uri, "domjobinfo", name, check=False).stdout
         seen.append(job)
+        with contextlib.suppress(OSError), open(os.open("job", os.O_RDONLY,
+                                                        dir_fd=here)) as f:
+            watched.append(f.read())
         time.sleep(0.5)
+    os.close(here)
     writer.join()
     assert virsh_state(second_uri, name) == "running"
     assert time.monotonic() - began > 3
     assert any("Unbounded" in job for job in seen), seen[:3]
+    moving = [text for text in watched if "operation: outgoing-migration" in text]
+    assert moving, watched[:3]
+    assert all("status: running\njob: migrate " in text for text in moving), moving[:3]
+    processed = [int(line.split(": ")[1]) for text in moving
+                 for line in text.splitlines() if line.startswith("data-processed: ")]
+    assert len(set(processed)) >= 2 and processed == sorted(processed), processed
 
 
 def test_a_killed_mv_aborts_the_migration(both, qemu_uri, second_uri, name) -> None:
