@@ -121,6 +121,9 @@ class Node:
         self.mtime = self.ctime = ctx.now()
         self.last_error = ""
         self.gone = False  # its object went: ENOENT for good, whoever still holds it
+        # Being moved to another folder (a domain migrated by mv): a listing of its old
+        # folder that misses it meanwhile does not make it vanish.
+        self.moving = False
 
     @property
     def path(self) -> str:
@@ -420,7 +423,7 @@ class Directory(Node):
             for node in listed:
                 # A complete listing no longer shows its object; a node that moved to
                 # another folder meanwhile (migrated by mv) shows it there.
-                if id(node) not in kept and node.parent is self:
+                if id(node) not in kept and node.parent is self and not node.moving:
                     node.vanish()
         if before is not None:
             self._tell_entries(before, self._visible())

@@ -110,7 +110,13 @@ class DomainsDirectory(CollectionDirectory):
         if "live" in options.flags and await node.state() == "shutoff":
             # A shut-off domain has nothing to move live: its definition moves.
             options = options.with_flag("offline", instead_of="live")
-        await node.migrate(target.host, options, target)
+        # The domain leaves host a before the migration returns; listings of a in that
+        # time (its events) must not make this folder vanish.
+        node.moving = True
+        try:
+            await node.migrate(target.host, options, target)
+        finally:
+            node.moving = False
         key = node.key
         self._by_name.pop(name, None)
         self._by_key.pop(key, None)

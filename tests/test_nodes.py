@@ -311,3 +311,44 @@ async def test_a_folder_moved_by_mv_survives_a_listing_of_its_old_host_in_flight
     assert state is before and state.alive
     assert isinstance(state, File) and await state.content() == b"running\n"
     assert folder.path == "/hosts/b/domains/alpha"
+
+
+class SlowReturnHost(MovingHost):
+    """Its migration returns only once `done` is set, after the domain has left: the tail
+    of a real migration (libvirt's confirm phase, the job's end) while listings go on."""
+
+    def __init__(self, connection: Connection) -> None:
+        super().__init__(connection)
+        self.left = trio.Event()
+        self.done = trio.Event()
+
+    async def migrate(self, uuid, destination, words, params) -> None:
+        await super().migrate(uuid, destination, words, params)
+        self.left.set()
+        await self.done.wait()
+
+
+async def test_a_folder_moved_by_mv_survives_a_listing_of_its_old_host_during_the_move(
+        tmp_path) -> None:
+    hosts = {}
+    for name in ("a", "b"):
+        xml = tmp_path / f"{name}.xml"
+        domain = ("<domain type='test'><name>alpha</name><memory>65536</memory>"
+                  "<os><type>hvm</type></os></domain>") if name == "a" else ""
+        xml.write_text(f"<node>{domain}</node>")
+        hosts[name] = SlowReturnHost(Connection(f"test://{xml}", timeout=5))
+    root = RootDirectory(Context(), hosts)
+    source = await walk(root, "hosts/a/domains")
+    target = await walk(root, "hosts/b/domains")
+    folder = await walk(root, "hosts/a/domains/alpha")
+    assert isinstance(source, Directory) and isinstance(target, Directory)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(source.rename, "alpha", target, "alpha")
+        await hosts["a"].left.wait()
+        # An event of host a (the domain undefined there) has its folder listed anew
+        # before the migration has returned.
+        assert "alpha" not in await source.children(refresh=True)
+        hosts["a"].done.set()
+    assert folder.alive, "a listing during the move made the moved folder vanish"
+    assert (await target.children())["alpha"] is folder
+    assert folder.path == "/hosts/b/domains/alpha"
