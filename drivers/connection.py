@@ -393,9 +393,12 @@ class Connection:
 
     # -- on the trio loop --------------------------------------------------------------
 
-    async def call(self, fn: Callable[..., T], *args: Any, what: str | None = None) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, what: str | None = None,
+                   changes: bool = True) -> T:
         """`fn(conn, *args)` in a worker thread; DriverError on failure or timeout.  `what`
-        names the call in the log should it finish after its timeout."""
+        names the call in the log should it finish after its timeout.  `changes=False`
+        says it only reads (a job's poll): finishing late, it changed nothing to read
+        afresh."""
         if self._hung_since is not None:
             raise DriverError(errno.ETIMEDOUT, f"{self.where} is not answering: a liveness "
                                                f"probe has waited "
@@ -430,8 +433,11 @@ class Connection:
                     late = call.abandoned
                     if late:
                         self._abandoned -= 1
-                if late:
+                if late and changes:
                     self._report_late(call.what, error, time.monotonic() - call.deadline)
+                elif late:
+                    log.debug("%s on %s returned %.1f s after it had timed out", call.what,
+                              self.where, time.monotonic() - call.deadline)
 
         self._token = trio.lowlevel.current_trio_token()
         call.deadline = time.monotonic() + self.timeout

@@ -41,8 +41,6 @@ DEFAULT_STALL_SECONDS = 300.0
 # An abort right after a job began may come before libvirt's side of it: ask again.
 ABORT_ATTEMPTS = 10
 ABORT_RETRY_SECONDS = 0.2
-# How long a poll still in flight when its job ends may take before it is given up.
-FINISH_SECONDS = 2.0
 
 # libvirt's virDomainJobType and virDomainJobOperation, as words.
 JOB_TYPES = {0: "none", 1: "bounded", 2: "unbounded", 3: "completed", 4: "failed",
@@ -187,10 +185,10 @@ class Jobs:
                     failure = e
                 finally:
                     record.ended = time.monotonic()
-                    # A poll in flight is let finish briefly (cancelled, it would be
-                    # reported as a call that timed out), then given up.
-                    nursery.cancel_scope.deadline = trio.current_time() + FINISH_SECONDS
+                    # The writer hears at once: a poll in flight is given up (it only
+                    # reads; its thread finishes alone, see _poll).
                     record.finished.set()
+                    nursery.cancel_scope.cancel()
         except BaseException:
             # The writer went away (killed) or the mount is going: the job must not run
             # on unseen; abort it, so that the VM stays where it was.
@@ -248,7 +246,6 @@ class Jobs:
                                 self.stall_seconds)
                     record.abort_reason, record.abort_at = "stalled", now
                     nursery.start_soon(self._abort_quietly, uuid, record)
-            nursery.cancel_scope.cancel()
 
     async def _poll(self, uuid: str, record: JobRecord) -> None:
         """One jobStats call.  `record.polling` stays set until its thread is out of
@@ -265,7 +262,7 @@ class Jobs:
                 record.polling = False
 
         try:
-            stats = await self.connection.call(fetch, what="job stats")
+            stats = await self.connection.call(fetch, what="job stats", changes=False)
         except OSError as e:
             if not started.is_set():
                 record.polling = False  # given up before it began: it never will
