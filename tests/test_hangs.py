@@ -178,7 +178,8 @@ def test_wait_refuses_unbounded_or_negative_seconds(demo: Mounted, seconds: str)
 
 @pytest.mark.parametrize("option", [
     "timeout=nan", "timeout=inf", "timeout=0", "timeout=-1", "timeout=86401",
-    "cache_timeout=nan", "cache_timeout=inf", "cache_timeout=-1", "cache_timeout=86401"])
+    "cache_timeout=nan", "cache_timeout=inf", "cache_timeout=-1", "cache_timeout=86401",
+    "job_stall=0", "job_stall=nan", "job_stall=forever"])
 def test_bad_timeouts_are_option_errors(tmp_path: Path, option: str) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()

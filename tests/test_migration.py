@@ -287,3 +287,26 @@ def test_a_uri_no_mounted_host_has_is_opened_for_the_call(
     assert virsh_state(second_uri, name) == "running"
     assert virsh_state(qemu_uri, name) == "absent"
     eventually(lambda: name not in os.listdir(mounted.host("a") / "domains"))
+
+
+def test_abort_of_a_migration_leaves_the_vm_at_the_source(both, qemu_uri, second_uri,
+                                                          name) -> None:
+    folder = running_guest(both, "a", name, mib=2048)
+    writer = subprocess.Popen(
+        ["bash", "-c", f"echo 'migrate b live persist undefine-source bandwidth=1 "
+                       f"{LOOPBACK}' > {folder}/control"],
+        stderr=subprocess.PIPE, text=True)
+
+    def migrating() -> None:
+        text = (folder / "job").read_text()
+        assert "status: running" in text and "operation: outgoing-migration" in text, text
+        assert "abort" in (folder / "control").read_text().split()
+    eventually(migrating, timeout=20)
+    sh(f"echo abort > {folder}/control")
+    _, stderr = writer.communicate(timeout=30)
+    assert writer.returncode != 0 and "Operation canceled" in stderr, stderr
+    assert virsh_state(qemu_uri, name) == "running"
+    assert virsh_state(second_uri, name) == "absent"
+    assert (folder / "state").read_text() == "running\n"
+    job = (folder / "job").read_text()
+    assert "status: cancelled" in job and "job: migrate " in job, job
