@@ -143,14 +143,31 @@ class DocumentHandle(Handle):
 
 
 class WordHandle(Handle):
-    """Carries out each write() at once, so the writer gets libvirt's answer there."""
+    """Carries out each write() at once, so the writer gets libvirt's answer there.
+
+    A refused write is not carried out again when the same bytes come back at the same
+    offset on the same open file: that is Python's buffered file (and other stdio-like
+    buffers) writing again at close() what failed at flush(), and by then libvirt may
+    take the word (a managed-save, a migration) that the program was told had failed.
+    The repeat gets the first refusal; writing the word anew means opening anew."""
 
     node: WordFile
     writes_may_wait = True
 
+    def __init__(self, node: File) -> None:
+        super().__init__(node)
+        self._refused: tuple[int, bytes, OSError] | None = None
+
     async def write(self, offset: int, buf: bytes) -> int:
-        with self.node.reporting():
-            await self.node.execute(buf)
+        if self._refused is not None and self._refused[:2] == (offset, buf):
+            raise self._refused[2]
+        self._refused = None
+        try:
+            with self.node.reporting():
+                await self.node.execute(buf)
+        except OSError as e:
+            self._refused = (offset, bytes(buf), e)
+            raise
         return len(buf)
 
     async def truncate(self, size: int) -> None:

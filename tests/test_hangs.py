@@ -113,6 +113,7 @@ def test_a_stall_of_16_callers_ends_by_itself(sick_factory) -> None:
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(write_errno, controls, ["suspend\n"] * 16))
     assert results == [errno.ETIMEDOUT] * 16
+    until(lambda: "is not answering" in sick.mounted.log())  # the liveness probe's verdict
     sick.heal()
     # No remount: once libvirtd answers again, so does the mount.
     until(lambda: "<name>vm</name>" in sick.path("domains/vm/live.xml").read_text())
@@ -361,3 +362,23 @@ def test_a_connection_dropped_mid_define_of_16_callers(tmp_path: Path, monkeypat
             if dom.name().startswith("hangs-drop-"):
                 dom.undefine()
         conn.close()
+
+
+def test_python_buffered_close_never_carries_out_a_refused_word_again(sick):
+    """Python's buffered file keeps the bytes of a failed write and writes them again at
+    close(): by then libvirt may take the word, and a managed-save or a migration would
+    run that the program was told had failed."""
+    control = sick.path("domains/vm/control")
+    sick.fault("error 5 _on")  # the control word's own libvirt call fails
+    f = open(control, "w")  # noqa: SIM115 - the close is the point of the test
+    f.write("suspend\n")
+    with pytest.raises(OSError) as refused:
+        f.flush()
+    assert refused.value.errno == errno.EIO
+    sick.heal()
+    with pytest.raises(OSError) as again:
+        f.close()
+    assert again.value.errno == errno.EIO
+    assert sick.path("domains/vm/state").read_text() == "running\n"
+    control.write_text("suspend\n")  # a new open carries the word out
+    assert sick.path("domains/vm/state").read_text() == "paused\n"
