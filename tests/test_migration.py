@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import xattr
-from conftest import eventually, run, sh, user_error, write_file
+from conftest import eventually, info, run, sh, user_error, write_file
 
 pytestmark = pytest.mark.qemu
 
@@ -310,3 +310,42 @@ def test_abort_of_a_migration_leaves_the_vm_at_the_source(both, qemu_uri, second
     assert (folder / "state").read_text() == "running\n"
     job = (folder / "job").read_text()
     assert "status: cancelled" in job and "job: migrate " in job, job
+
+
+def test_job_shows_a_migration_moving_and_abort_leaves_the_vm_at_the_source(
+        both, qemu_uri, second_uri, name) -> None:
+    folder = running_guest(both, "a", name, mib=2048)
+    errors: list[OSError] = []
+
+    def migrate() -> None:
+        try:
+            write_file(folder / "control",
+                       f"migrate b live persist undefine-source bandwidth=1 {LOOPBACK}\n")
+        except OSError as e:
+            errors.append(e)
+
+    writer = threading.Thread(target=migrate)
+    writer.start()
+    try:
+        def moved_some() -> dict[str, str]:
+            job = info(folder / "job")
+            assert job.get("status") == "running", job
+            assert job.get("operation") == "outgoing-migration", job
+            assert int(job.get("memory-processed", "0")) > 0, job
+            return job
+
+        first = eventually(moved_some, timeout=30)
+        assert first["job"].startswith("migrate b"), first
+        eventually(lambda: int(moved_some()["memory-processed"])
+                   > int(first["memory-processed"]), timeout=10)
+        # Other files of both hosts answer meanwhile.
+        assert (folder / "state").read_text() == "running\n"
+        assert "hostname" in (both.host("b") / "info").read_text()
+        sh(f"echo abort > {folder}/control")
+    finally:
+        writer.join(timeout=120)
+    assert len(errors) == 1 and errors[0].errno == errno.ECANCELED, errors
+    assert virsh_state(qemu_uri, name) == "running"
+    assert virsh_state(second_uri, name) == "absent"
+    assert (folder / "state").read_text() == "running\n"
+    assert info(folder / "job")["status"] == "cancelled"
