@@ -9,10 +9,9 @@ works; what a hypervisor lacks surfaces as DriverError(EOPNOTSUPP) for that call
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +21,6 @@ from libvirtfs.drivers import migration, records, statedir, xmldocs
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.control import ACTIONS, JOB_WORDS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
-from libvirtfs.drivers.errors import from_libvirt
 from libvirtfs.drivers.jobs import DEFAULT_STALL_SECONDS, Jobs
 from libvirtfs.drivers.snapshots import SnapshotCalls
 from libvirtfs.drivers.states import (
@@ -319,39 +317,31 @@ class Host(SnapshotCalls):
     # -- migration ---------------------------------------------------------------------
 
     async def migrate(self, uuid: str, destination: Host | str, words: Sequence[str],
-                      params: dict[str, str]) -> None:
+                      params: dict[str, str], *, what: str = "migrate") -> None:
         """Move the domain `uuid` to another mounted host (both connections are held for
         the call) or to a URI; returns when libvirt says it has finished.  A job
-        (drivers/jobs.py): no per-call timeout, watched in `job`, `abort` and job_stall
-        abort it; if the caller goes away (killed, unmount) it is aborted and the VM
-        stays here."""
+        (drivers/jobs.py, named `what` in `job`): no per-call timeout, watched, aborted by
+        `abort`; if the caller goes away (killed, unmount) the runner aborts it too, and
+        the VM stays here."""
         dest_host = destination if isinstance(destination, Host) else None
         dest_uri = destination if isinstance(destination, str) else None
 
         def run(conn: libvirt.virConnect) -> None:
-            with self._translated():
-                dom = _domain(conn, uuid)
-                if dest_host is not None:
-                    with dest_host.connection.using() as dconn:
-                        uri = dest_host.connection.requested_uri or dconn.getURI()
-                        migration.migrate(dom, dconn, uri, words, params)
-                elif "p2p" in words:
-                    migration.migrate(dom, None, dest_uri, words, params)
-                else:
-                    dconn = migration.open_destination(dest_uri or "")
-                    try:
-                        migration.migrate(dom, dconn, dest_uri, words, params)
-                    finally:
-                        migration.close_quietly(dconn)
+            dom = _domain(conn, uuid)
+            if dest_host is not None:
+                with dest_host.connection.using() as dconn:
+                    uri = dest_host.connection.requested_uri or dconn.getURI()
+                    migration.migrate(dom, dconn, uri, words, params)
+            elif "p2p" in words:
+                migration.migrate(dom, None, dest_uri, words, params)
+            else:
+                dconn = migration.open_destination(dest_uri or "")
+                try:
+                    migration.migrate(dom, dconn, dest_uri, words, params)
+                finally:
+                    migration.close_quietly(dconn)
 
-        where = (dest_host.connection.where if dest_host is not None else dest_uri)
-        await self.run_job(uuid, f"migrate {where}", run)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _translated() -> Iterator[None]:
-        try:
-            yield
-        except libvirt.libvirtError as e:
-            raise from_libvirt(e) from None
-
+        await self.run_job(uuid, what, run)
+        record = self.jobs.record(uuid)
+        if dest_host is not None and record is not None:
+            dest_host.jobs.carry(uuid, record)  # `job` there says how it came

@@ -160,6 +160,11 @@ class Jobs:
     def record(self, uuid: str) -> JobRecord | None:
         return self._records.get(uuid)
 
+    def carry(self, uuid: str, record: JobRecord) -> None:
+        """A domain migrated here from another host of the mount: its `job` here tells
+        how the migration ended."""
+        self._records[uuid] = record
+
     def status(self, uuid: str) -> dict[str, Any]:
         """The `job` file: the running job, or the last one's outcome; {} if none ran."""
         record = self._records.get(uuid)

@@ -128,11 +128,3 @@ def open_destination(uri: str) -> libvirt.virConnect:
 def close_quietly(conn: libvirt.virConnect) -> None:
     with contextlib.suppress(libvirt.libvirtError):
         conn.close()
-
-
-def abort(dom: libvirt.virDomain) -> None:
-    """Ask libvirt to abort the domain's job (a migration whose caller went away)."""
-    with contextlib.suppress(libvirt.libvirtError):  # finished meanwhile: nothing to abort
-        dom.abortJob()
-
-

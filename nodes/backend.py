@@ -80,9 +80,10 @@ class Host(Protocol):
     async def rename(self, kind: str, key: str, new_name: str) -> None: ...
 
     async def migrate(self, uuid: str, destination: Host | str, words: list[str],
-                      params: dict[str, str]) -> None:
+                      params: dict[str, str], *, what: str = "migrate") -> None:
         """Move the domain to another host of this mount, or to a libvirt URI; `words` are
-        MIGRATE_FLAGS, `params` MIGRATE_PARAMS.  Returns when libvirt has finished."""
+        MIGRATE_FLAGS, `params` MIGRATE_PARAMS.  Returns when libvirt has finished; a job
+        (`job` names it `what`), aborted by `abort` (ECANCELED)."""
 
     # Jobs (long operations) on the domain `uuid`: `job_running` is this mount's own
     # knowledge; `domain_job` is the `job` file's lines ({} if no job ever ran).

@@ -114,7 +114,8 @@ class DomainsDirectory(CollectionDirectory):
         # time (its events) must not make this folder vanish.
         node.moving = True
         try:
-            await node.migrate(target.host, options, target)
+            await node.migrate(target.host, options, target,
+                               " ".join(["mv to", target.path, *options.words()]))
         finally:
             node.moving = False
         key = node.key
@@ -172,7 +173,8 @@ class DomainDirectory(ObjectDirectory):
                                          f"are: {migration.option_words()}")
         options = migration.parse_options(arguments[1:])
         destination, target = await self._destination(arguments[0])
-        await self.migrate(destination, options, target)
+        await self.migrate(destination, options, target,
+                           " ".join([MIGRATE_WORD, arguments[0], *options.words()]))
 
     async def _destination(self, text: str) -> tuple[Host | str, Directory | None]:
         """DEST: a host folder of this mount (its host and its domains/), or a URI (a
@@ -209,7 +211,7 @@ class DomainDirectory(ObjectDirectory):
         return text, None
 
     async def migrate(self, destination: Host | str, options: migration.MigrateOptions,
-                      target: Directory | None) -> None:
+                      target: Directory | None, what: str = "migrate") -> None:
         """Migrate now; returns when libvirt has finished, or raises its error (the VM is
         then still here)."""
         if destination is self.host:
@@ -220,9 +222,14 @@ class DomainDirectory(ObjectDirectory):
             state = await self.state()
             if state not in MIGRATABLE_STATES:
                 raise fs_error(errno.EBUSY, f"a {state} domain cannot be migrated")
-            await self.host.migrate(self.key, destination, list(options.flags),
-                                    dict(options.params))
-        self.invalidate_all()
+        # A job, outside the lock as the other jobs: `abort` and the other words reach
+        # libvirt meanwhile (a second job is EBUSY).
+        try:
+            await self.host.migrate(self.key, destination,  # type: ignore[arg-type]
+                                    list(options.flags),
+                                    dict(options.params), what=what)
+        finally:
+            self.invalidate_all()
         for collection in (self.parent, target):
             if collection is not None:
                 collection.invalidate()

@@ -100,13 +100,29 @@ def test_mv_migrates_both_ways_and_the_folder_moves(both, qemu_uri, second_uri, 
     # resolve here, and the refusal says what to do.
     result = sh(f"mv {folder} {domains_b}/", check=False)
     assert result.returncode != 0
-    assert "migrate-uri=" in user_error(domains_a), user_error(domains_a)
+    assert "migrate-uri=" in user_error(domains_a), result.stderr
     assert virsh_state(qemu_uri, name) == "running"
     assert (folder / "state").read_text() == "running\n"
 
-    sh(f"setfattr -n user.migrate -v 'live persist undefine-source {LOOPBACK}' {folder}")
+    sh(f"setfattr -n user.migrate -v 'live persist undefine-source bandwidth=1 {LOOPBACK}' "
+       f"{folder}")
     inode = folder.stat().st_ino
-    sh(f"mv {folder} {domains_b}/")
+    # Slowed down (2 GiB of zeros at 1 MiB/s take some seconds): `job` shows it moving.
+    sh(f"echo destroy > {folder}/control")
+    write_file(folder / "xml", GUEST.format(name=name, mib=2048))
+    sh(f"echo start > {folder}/control")
+    mover = subprocess.Popen(["mv", str(folder), f"{domains_b}/"], stderr=subprocess.PIPE)
+
+    def moving() -> None:
+        job = info(folder / "job")
+        assert job.get("status") == "running", job
+        assert job.get("operation") == "outgoing-migration", job
+        assert int(job.get("memory-processed", "0")) > 0, job
+        assert job["job"].startswith("mv to /hosts/b/domains live persist"), job
+
+    eventually(moving, timeout=20)
+    assert (folder / "state").read_text() == "running\n"
+    assert mover.wait(timeout=120) == 0, mover.stderr.read() if mover.stderr else ""
     # mv returned: the VM runs on b, and the folder is there (the same inode) and only there.
     assert virsh_state(second_uri, name) == "running"
     assert virsh_state(qemu_uri, name) == "absent"
@@ -116,6 +132,7 @@ def test_mv_migrates_both_ways_and_the_folder_moves(both, qemu_uri, second_uri, 
     assert moved.stat().st_ino == inode
     assert (moved / "state").read_text() == "running\n"
     assert name in (moved / "info").read_text()
+    assert info(moved / "job")["status"] == "completed"
     # user.migrate went with the folder; back to a (whose host name resolves) by mv again.
     sh(f"setfattr -n user.migrate -v 'live persist undefine-source' {moved}")
     sh(f"mv {moved} {domains_a}/")
@@ -318,11 +335,16 @@ def test_job_shows_a_migration_moving_and_abort_leaves_the_vm_at_the_source(
     errors: list[OSError] = []
 
     def migrate() -> None:
+        # One write(2), as echo does: Python's buffered close() writes a failed buffer
+        # again, which would start a second migration after the abort.
+        fd = os.open(folder / "control", os.O_WRONLY)
         try:
-            write_file(folder / "control",
-                       f"migrate b live persist undefine-source bandwidth=1 {LOOPBACK}\n")
+            os.write(fd, f"migrate b live persist undefine-source bandwidth=1 {LOOPBACK}\n"
+                     .encode())
         except OSError as e:
             errors.append(e)
+        finally:
+            os.close(fd)
 
     writer = threading.Thread(target=migrate)
     writer.start()

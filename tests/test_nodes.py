@@ -270,7 +270,7 @@ class MovingHost(Host):
             await self.go.wait()
         return listing
 
-    async def migrate(self, uuid, destination, words, params) -> None:
+    async def migrate(self, uuid, destination, words, params, *, what="migrate") -> None:
         def move(conn) -> None:
             dom = conn.lookupByUUIDString(uuid)
             xml = dom.XMLDesc(0)
@@ -322,8 +322,8 @@ class SlowReturnHost(MovingHost):
         self.left = trio.Event()
         self.done = trio.Event()
 
-    async def migrate(self, uuid, destination, words, params) -> None:
-        await super().migrate(uuid, destination, words, params)
+    async def migrate(self, uuid, destination, words, params, *, what="migrate") -> None:
+        await super().migrate(uuid, destination, words, params, what=what)
         self.left.set()
         await self.done.wait()
 
