@@ -365,7 +365,12 @@ class CollectionDirectory(Directory):
 
     def take(self, key: str, node: ObjectDirectory) -> None:
         """An object folder that moved here from another host's collection (migrated by
-        mv): listed here at once, under the node (and inode) it had."""
+        mv): listed here at once, under the node (and inode) it had.  A node a listing
+        here made for it meanwhile (libvirt's events) is dropped."""
+        made = self._by_key.get(key)
+        if made is not None and made is not node:
+            self._by_name.pop(made.name, None)
+            made.vanish()
         self._by_key[key] = node
         self._by_name = dict(sorted({**self._by_name, node.name: node}.items(),
                                     key=lambda item: item[1].id))
