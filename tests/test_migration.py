@@ -111,10 +111,19 @@ def test_mv_migrates_both_ways_and_the_folder_moves(both, qemu_uri, second_uri, 
     sh(f"echo destroy > {folder}/control")
     write_file(folder / "xml", GUEST.format(name=name, mib=2048))
     sh(f"echo start > {folder}/control")
+    # What was looked up in the folder before (here by ls) answers while mv runs; a name
+    # looked up for the first time waits for mv (the kernel locks the folder for it).
+    run("ls", folder)
     mover = subprocess.Popen(["mv", str(folder), f"{domains_b}/"], stderr=subprocess.PIPE)
 
+    seen: list[dict[str, str]] = []
+
     def moving() -> None:
-        job = info(folder / "job")
+        try:
+            job = info(folder / "job")
+        except FileNotFoundError:
+            raise AssertionError(f"moved before job showed it moving: {seen[-3:]}") from None
+        seen.append(job)
         assert job.get("status") == "running", job
         assert job.get("operation") == "outgoing-migration", job
         assert int(job.get("memory-processed", "0")) > 0, job
