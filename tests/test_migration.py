@@ -344,16 +344,13 @@ def test_job_shows_a_migration_moving_and_abort_leaves_the_vm_at_the_source(
     errors: list[OSError] = []
 
     def migrate() -> None:
-        # One write(2), as echo does: Python's buffered close() writes a failed buffer
-        # again, which would start a second migration after the abort.
-        fd = os.open(folder / "control", os.O_WRONLY)
+        # Python's buffered close() writes a refused buffer again: that must not start a
+        # second migration after the abort.
         try:
-            os.write(fd, f"migrate b live persist undefine-source bandwidth=1 {LOOPBACK}\n"
-                     .encode())
+            write_file(folder / "control",
+                       f"migrate b live persist undefine-source bandwidth=1 {LOOPBACK}\n")
         except OSError as e:
             errors.append(e)
-        finally:
-            os.close(fd)
 
     writer = threading.Thread(target=migrate)
     writer.start()
