@@ -25,6 +25,10 @@ from libvirtfs.mount.options import MAX_SECONDS
 
 # A keepalive interval or count beyond this is a typo (libvirt takes an int).
 MAX_KEEPALIVE = 3600
+# A folder name's bytes at most (NAME_MAX; statfs says so): longer ones defeat most tools.
+MAX_NAME_BYTES = 255
+# A config file is a few lines; `--config /dev/zero` must not eat the memory.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -54,7 +58,8 @@ def parse_host(text: str) -> HostSpec:
 
 def check_name(name: str, where: str) -> str:
     """A host name is a folder name under hosts/."""
-    if not name or "/" in name or "\0" in name or name in (".", ".."):
+    if (not name or "/" in name or "\0" in name or name in (".", "..")
+            or len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES):
         raise ConfigError(f"{where}: host name {name!r} cannot be a folder name")
     return name
 
@@ -66,11 +71,18 @@ def load_config(path: str | Path) -> list[HostSpec]:
     """The `[[host]]` tables of a TOML file, in order."""
     try:
         with open(path, "rb") as f:
-            document = tomllib.load(f)
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than "
+                              f"{MAX_CONFIG_BYTES // 1024} KiB")
+        document = tomllib.loads(text.decode())
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib lets this one through
+        raise ConfigError(f"config file {path} is not valid TOML: it is not UTF-8 "
+                          f"(byte {e.start + 1} is {e.object[e.start]:#04x})") from None
     unknown = sorted(set(document) - {"host"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (the file holds [[host]] "
