@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -45,6 +46,7 @@ _COLLECTION = {"domain": "domains", "snapshot": "domains", "pool": "pools", "vol
 
 READ_ONLY_HOST = "this host is mounted read-only (read_only = true in the config file)"
 MAX_URI_BYTES = 4096
+MAX_NAME_BYTES = 255  # NAME_MAX, as statfs says
 
 
 class HostLifecycle(Protocol):
@@ -94,10 +96,14 @@ class UriFile(WordFile):
         return self.directory.pending and not self.ctx.read_only
 
     async def execute(self, data: bytes) -> None:
+        # Each write() is one URI: a megabyte of it, or a NUL, must not reach libvirt.
+        self.check_size(len(data))
         try:
             words = data.decode().split()
         except UnicodeDecodeError:
             raise fs_error(errno.EINVAL, "a URI is text") from None
+        if any(not ch.isprintable() for word in words for ch in word):
+            raise fs_error(errno.EINVAL, "a URI has no control characters (NUL, escape, ...)")
         if len(words) != 1:
             raise fs_error(errno.EINVAL, f"write one libvirt URI to {self.path} "
                                          f"(echo qemu+ssh://HOST/system > uri)")
@@ -120,6 +126,7 @@ class HostDirectory(StaticDirectory):
         self.guard = Guard()  # rm -rf hosts/NAME must not disconnect it (guard.py)
         self.uri_file = UriFile(ctx, self)
         self._connecting = trio.Lock()
+        self.removed = False  # rmdir took it out of hosts/: a late `uri` write connects nothing
         self._to_list: dict[Directory, None] = {}
         self._listing_wanted = trio.Event()
         # What happens on the host, as lines (drivers/events.py publishes them).
@@ -190,6 +197,8 @@ class HostDirectory(StaticDirectory):
         if self._connecting.locked():
             raise fs_error(errno.EBUSY, f"{self.path} is being connected now")
         async with self._connecting:
+            if self.removed:  # `uri` was opened before the rmdir: no host behind a folder gone
+                raise fs_error(errno.ENOENT, f"{self.path} was removed")
             if self.host is not None:
                 raise fs_error(errno.EISCONN, f"{self.path} is connected already; rmdir it "
                                               f"and mkdir it again to connect elsewhere")
@@ -296,6 +305,8 @@ class HostsDirectory(Directory):
             return await super().mkdir(name)
         if name in self._by_name:
             raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
+        if len(os.fsencode(name)) > MAX_NAME_BYTES:  # FUSE allows 1024; tools do not
+            raise fs_error(errno.ENAMETOOLONG, f"a host name has at most {MAX_NAME_BYTES} bytes")
         directory = HostDirectory(self.ctx, None, self.lifecycle)
         self._put(name, directory)
         return directory
@@ -317,6 +328,7 @@ class HostsDirectory(Directory):
             node.events.end("removed")  # its readers get the line, then the end of file
         if self._by_name.get(name) is node:
             del self._by_name[name]
+            node.removed = True
         self.touch()
 
     async def rename(self, name: str, target: Directory, new_name: str, *,
