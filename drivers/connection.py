@@ -205,6 +205,11 @@ class Connection:
             self._down_reason = error.strerror or "libvirt could not connect"
             raise DriverError(_open_errno(e, error), error.strerror,
                               error.libvirt_code) from None
+        if self._closing.is_set():  # closed while libvirt was opening it (close() left it)
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+            raise DriverError(errno.ENOTCONN, f"the connection to {self.where} was closed "
+                                              f"while it was being opened")
         with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(*self.keepalive)  # local drivers have none; nothing to do
         with contextlib.suppress(libvirt.libvirtError):
@@ -512,6 +517,11 @@ class Connection:
 
     async def close(self) -> None:
         """Close at unmount; a hung host must not keep the process from exiting."""
+        self._closing.set()
+        if self._opening:
+            # A thread is in libvirt's open, holding the lock close_now needs, maybe for
+            # ever (a host that accepts and never answers): it closes what it gets itself.
+            return
         with trio.move_on_after(min(self.timeout, 5.0)):
             await trio.to_thread.run_sync(self.close_now, abandon_on_cancel=True)
 
