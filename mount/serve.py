@@ -24,7 +24,7 @@ from libvirtfs.mount.config import ConfigError, HostSpec, check_name, check_uniq
 from libvirtfs.mount.options import MountOptions
 from libvirtfs.nodes.base import Context
 from libvirtfs.nodes.hosts import HostDirectory, HostsDirectory, RootDirectory
-from libvirtfs.vfs.operations import Operations
+from libvirtfs.vfs.operations import MAX_FUSE_TASKS, Operations
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
             nursery.start_soon(mount.operations.kernel_cache.run)
             ready()
             log.info("mounted %s at %s", ", ".join(name for name, _, _ in hosts), mountpoint)
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)
             log.debug("FUSE main loop ended")
             nursery.cancel_scope.cancel()
     finally:

@@ -35,6 +35,13 @@ R = TypeVar("R")
 # Readdir offsets are node ids shifted past 0, 1 and 2, which some layers treat specially.
 _OFFSET_BASE = 3
 
+# pyfuse3 answers at most this many requests at once (mount/serve.py asks for it); each
+# waiting read of a stream holds one.  Its default, 99, let 99 `cat events` freeze the mount:
+# no request at all was answered until one of them ended.
+MAX_FUSE_TASKS = 1000
+# Open stream files at most, so that waiting reads leave room for every other request.
+MAX_STREAM_READERS = 500
+
 
 def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @functools.wraps(fn)
@@ -382,6 +389,10 @@ class Operations(pyfuse3.Operations):
         if not opens_for_writing(flags):
             info = self._file_info(await node.open_handle(flags))
             if self.handles.get(info.fh).reads_may_wait:
+                if len(self._readers) >= MAX_STREAM_READERS:
+                    await self.release(info.fh)
+                    raise fs_error(errno.EMFILE, f"{node.path}: {MAX_STREAM_READERS} stream "
+                                                 f"files are open already")
                 self._readers[info.fh] = (node.id, ctx.pid, _program(ctx.pid))
             return info
         self._check_writable_mount(node)
