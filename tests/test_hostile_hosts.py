@@ -428,7 +428,8 @@ def test_a_reader_that_never_reads_while_thousands_of_events_come(demo: Mounted)
 
 def test_two_rmdirs_of_one_host_at_once_disconnect_it_once(mount_factory) -> None:
     mounted = mount_factory(DEMO, *(f"h{i}={DEMO}" for i in range(8)))
-    readers = {i: open(mounted.host(f"h{i}") / "events", "rb", buffering=0) for i in range(8)}
+    readers = {i: open(mounted.host(f"h{i}") / "events", "rb", buffering=0)  # noqa: SIM115
+               for i in range(8)}
     try:
         script = " ".join(f"rmdir {mounted.host(f'h{i}')} & rmdir {mounted.host(f'h{i}')} &"
                           for i in range(8))
