@@ -453,3 +453,12 @@ def test_mv_racing_rmdir_leaves_no_disconnected_host_behind(mount_factory) -> No
     sh(script + " wait", check=False)
     for name in hosts(mounted):
         assert (mounted.host(name) / "status").read_text() == "connected\n", name
+
+
+def test_tail_f_gets_the_last_line_when_its_host_is_removed(mount_factory,
+                                                          tmp_path: Path) -> None:
+    mounted = mount_factory(DEMO, f"twin={DEMO}")
+    result = sh(f"(sleep 1.5; rmdir {mounted.host('twin')}) & "
+                f"timeout 4 tail -s 0.2 -f {mounted.host('twin')}/events", check=False)
+    assert "No such file" not in result.stderr, result.stderr
+    assert result.stdout.endswith(" host twin removed -\n"), result

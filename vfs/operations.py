@@ -215,7 +215,12 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        node = self._node(inode)
+        node = self.inodes.get(inode).resolve()
+        # A reader of a stream whose host went (rmdir) still fstats its open file: `tail -f`
+        # must get the last `removed` line, not ENOENT.
+        if not (node.uncached and ctx is not None
+                and self._stream_size(node, _program(ctx.pid)) is not None):
+            _alive(node)
         attrs = await self.attributes(node, inode)
         if node.uncached and ctx is not None:
             size = self._stream_size(node, _program(ctx.pid))
