@@ -169,6 +169,10 @@ class Connection:
                 left = self._busy.pop(conn) - 1
                 if left:
                     self._busy[conn] = left
+            if self._closing.is_set():
+                # close_now left it to this block (a job, a migration holding the
+                # destination); no _open will come to close it: the last user does.
+                self._close_lost()
 
     def _open(self) -> libvirt.virConnect:
         """The connection, opened if need be, counted as in use (see `_using`)."""
@@ -257,9 +261,10 @@ class Connection:
                     log.exception("reporting a lost connection")
 
     def _close_lost(self) -> None:
-        """Close lost connections that no call uses any more (under `_open_lock`).  Their
-        event callbacks hold references to them: unless deregistered, the client library
-        keeps the socket open and libvirtd keeps sending events on it."""
+        """Close lost connections that no call uses any more (under `_open_lock`, or, once
+        closing, by their last user).  Their event callbacks hold references to them:
+        unless deregistered, the client library keeps the socket open and libvirtd keeps
+        sending events on it."""
         with self._state_lock:
             idle = [conn for conn in self._lost if conn not in self._busy]
             self._lost = [conn for conn in self._lost if conn in self._busy]
@@ -388,8 +393,9 @@ class Connection:
                 log.exception("reporting a late outcome")
 
     def close_now(self) -> None:
-        """Close the connection (blocking; for shutdown).  One that an abandoned call
-        still uses is left to the end of the process."""
+        """Close the connection (blocking; for shutdown).  One that a call still uses
+        (an abandoned call, a job, a migration holding its destination) is closed when
+        that call is done with it."""
         self._closing.set()
         with self._open_lock:
             if self._conn is not None:

@@ -352,3 +352,16 @@ async def test_a_folder_moved_by_mv_survives_a_listing_of_its_old_host_during_th
     assert folder.alive, "a listing during the move made the moved folder vanish"
     assert (await target.children())["alpha"] is folder
     assert folder.path == "/hosts/b/domains/alpha"
+
+
+async def test_a_connection_in_use_when_its_host_is_removed_is_closed_when_released() -> None:
+    """rmdir of a host while a migration holds its connection (as destination, through
+    `using()`): close_now leaves it to that call, and its end must close it; otherwise
+    its socket and its event registrations live as long as the mount."""
+    connection = Connection("test:///default", timeout=5)
+    await connection.call(lambda conn: conn.getURI())
+    with connection.using() as conn:  # the migration's hold
+        await trio.to_thread.run_sync(connection.close_now)
+        assert conn.isAlive()  # in use: not closed under the call
+    with pytest.raises(Exception):  # noqa: B017 - libvirt's "invalid connection pointer"
+        conn.getURI()
