@@ -9,6 +9,7 @@ works; what a hypervisor lacks surfaces as DriverError(EOPNOTSUPP) for that call
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
+import trio
 
 from libvirtfs.drivers import migration, records, statedir, xmldocs
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.control import ACTIONS, JOB_WORDS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
+from libvirtfs.drivers.errors import DriverError
 from libvirtfs.drivers.jobs import DEFAULT_STALL_SECONDS, Jobs
 from libvirtfs.drivers.snapshots import SnapshotCalls
 from libvirtfs.drivers.states import (
@@ -325,23 +328,44 @@ class Host(SnapshotCalls):
         the VM stays here."""
         dest_host = destination if isinstance(destination, Host) else None
         dest_uri = destination if isinstance(destination, str) else None
+        # A URI no mounted host has (without p2p) is connected before the job, as any
+        # host is: bounded by the timeout (a URI that never answers would otherwise
+        # hold the writer with no job for job_stall to see), with keepalive.
+        opened = (await self._open_destination(dest_uri)
+                  if dest_uri is not None and "p2p" not in words else None)
+        dest = dest_host.connection if dest_host is not None else opened
 
         def run(conn: libvirt.virConnect) -> None:
             dom = _domain(conn, uuid)
-            if dest_host is not None:
-                with dest_host.connection.using() as dconn:
-                    uri = dest_host.connection.requested_uri or dconn.getURI()
-                    migration.migrate(dom, dconn, uri, words, params)
-            elif "p2p" in words:
+            if dest is None:  # p2p to a URI: the source daemon connects
                 migration.migrate(dom, None, dest_uri, words, params)
-            else:
-                dconn = migration.open_destination(dest_uri or "")
-                try:
-                    migration.migrate(dom, dconn, dest_uri, words, params)
-                finally:
-                    migration.close_quietly(dconn)
+                return
+            with dest.using() as dconn:
+                uri = dest.requested_uri or dconn.getURI()
+                migration.migrate(dom, dconn, uri, words, params)
 
-        await self.run_job(uuid, what, run)
+        try:
+            await self.run_job(uuid, what, run)
+        finally:
+            if opened is not None:
+                with trio.CancelScope(shield=True):  # bounded; a job still using it closes it
+                    await opened.close()
         record = self.jobs.record(uuid)
         if dest_host is not None and record is not None:
             dest_host.jobs.carry(uuid, record)  # `job` there says how it came
+
+    async def _open_destination(self, uri: str) -> Connection:
+        """A connection to a destination no mounted host has, for one migration."""
+        opened = Connection(uri, timeout=self.connection.timeout)
+        try:
+            await opened.call(lambda conn: None, what=f"connecting to {uri}", changes=False)
+        except DriverError as e:
+            with trio.CancelScope(shield=True):
+                await opened.close()
+            raise DriverError(e.errno or errno.ENOTCONN,
+                              f"cannot connect to {uri}: {e.strerror}", e.libvirt_code) from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await opened.close()
+            raise
+        return opened

@@ -4,13 +4,13 @@ The mount already holds a connection to every host, so a migration between two o
 uses both (`virDomain.migrate3(dconn, ...)`: this process drives libvirt's protocol, and
 nothing new has to be reachable from the mounting machine).  With `p2p` the source daemon
 drives it instead and must reach the destination's URI itself (`migrateToURI3`).  A
-destination given as a URI that no mounted host has is opened for the one call (or, with
-`p2p`, handed to the source daemon as it is).  docs/hosts.md, "Migration".
+destination given as a URI that no mounted host has is connected for the one migration
+(drivers/host.py, bounded by the timeout as any connection; with `p2p`, handed to the
+source daemon as it is).  docs/hosts.md, "Migration".
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 from collections.abc import Mapping, Sequence
 
@@ -113,18 +113,3 @@ def _explained(error: DriverError, params: Mapping[str, str]) -> DriverError:
         message += ("; the destination gave its host name as the migration address: "
                     "give one the source reaches, e.g. migrate-uri=tcp://ADDRESS")
     return DriverError(err, message, error.libvirt_code)
-
-
-def open_destination(uri: str) -> libvirt.virConnect:
-    """A connection to a destination no mounted host has, for one migration."""
-    try:
-        return libvirt.open(uri)
-    except libvirt.libvirtError as e:
-        error = from_libvirt(e)
-        raise DriverError(errno.ENOTCONN, f"cannot connect to {uri}: {error.strerror}",
-                          error.libvirt_code) from None
-
-
-def close_quietly(conn: libvirt.virConnect) -> None:
-    with contextlib.suppress(libvirt.libvirtError):
-        conn.close()

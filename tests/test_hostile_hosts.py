@@ -257,6 +257,25 @@ def test_sigterm_with_a_hanging_uri_write_exits(tmp_path: Path, silent: Silent) 
         run("fusermount3", "-u", "-z", mounted.path, check=False)
 
 
+def test_migrating_to_a_uri_that_hangs_fails_within_the_timeout(mount_factory,
+                                                                silent: Silent) -> None:
+    """A destination URI no mounted host has is opened for the migration: opening it is
+    an ordinary call, bounded by -o timeout, not part of the job (job_stall cannot see
+    it: libvirt has no job yet) that would hold the writer until it is killed."""
+    mounted = mount_factory(DEMO, options="timeout=2")
+    control = mounted.host() / "domains/test/control"
+    began = time.monotonic()
+    result = echo(f"migrate {silent.uri} live", control, timeout=20)
+    assert result.returncode != 0 and "timed out" in result.stderr, result
+    assert time.monotonic() - began < 10
+    assert "did not answer" in user_error(control)
+    assert (mounted.host() / "domains/test/state").read_text() == "running\n"
+    assert (mounted.host() / "status").read_text() == "connected\n"
+    # Nothing listens there: refused at once, as before.
+    expect_errno(errno.ENOTCONN, write_file, control, "migrate qemu+tcp://127.0.0.1:1/system\n")
+    assert "cannot connect to qemu+tcp://127.0.0.1:1/system" in user_error(control)
+
+
 # -- hostile config files -----------------------------------------------------------------
 
 def libvirtfs(*args: str | Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
