@@ -63,6 +63,7 @@ class Host(SnapshotCalls):
         self.connection = connection
         self.definitions = Definitions(statedir.StateDir(state_dir or statedir.default_state_dir()))
         self.jobs = Jobs(connection, stall_seconds=job_stall)
+        self._arriving: list[str] = []  # migrations of other hosts into this one, running
 
     # -- jobs (drivers/jobs.py) --------------------------------------------------------
 
@@ -74,6 +75,11 @@ class Host(SnapshotCalls):
 
     def job_running(self, uuid: str) -> bool:
         return self.jobs.running(uuid)
+
+    def busy_with(self) -> list[str]:
+        """Jobs of this mount that need this host's connection now: its own, and
+        migrations into it.  Closing it under them would leave them unabortable."""
+        return [*self.jobs.running_jobs(), *self._arriving]
 
     async def domain_job(self, uuid: str) -> Info:
         """The `job` file: the running job's stats, or the last job's outcome; {} when
@@ -344,9 +350,13 @@ class Host(SnapshotCalls):
                 uri = dest.requested_uri or dconn.getURI()
                 migration.migrate(dom, dconn, uri, words, params)
 
+        if dest_host is not None:
+            dest_host._arriving.append(what)
         try:
             await self.run_job(uuid, what, run)
         finally:
+            if dest_host is not None:
+                dest_host._arriving.remove(what)
             if opened is not None:
                 with trio.CancelScope(shield=True):  # bounded; a job still using it closes it
                     await opened.close()

@@ -157,6 +157,10 @@ class Jobs:
         record = self._records.get(uuid)
         return record is not None and record.running
 
+    def running_jobs(self) -> list[str]:
+        """What runs now on this host's domains (rmdir of the host waits for them)."""
+        return [record.what for record in self._records.values() if record.running]
+
     def record(self, uuid: str) -> JobRecord | None:
         return self._records.get(uuid)
 

@@ -88,6 +88,7 @@ class Host(Protocol):
     # Jobs (long operations) on the domain `uuid`: `job_running` is this mount's own
     # knowledge; `domain_job` is the `job` file's lines ({} if no job ever ran).
     def job_running(self, uuid: str) -> bool: ...
+    def busy_with(self) -> list[str]: ...  # jobs of this mount on or into the host, running
     async def domain_job(self, uuid: str) -> Info: ...
 
     # Snapshots of the domain `uuid`, by name; flags are words of nodes/words.py.

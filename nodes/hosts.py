@@ -323,6 +323,14 @@ class HostsDirectory(Directory):
             raise fs_error(errno.EBUSY, f"{node.path} is being connected now")
         if not node.pending:
             node.guard.check_rmdir(node.path, "a connected host")
+            assert node.host is not None
+            busy = node.host.busy_with()
+            if busy:
+                # Its connection is what a job's abort (echo abort, a killed writer, a
+                # stall) goes through: the job would run on unseen and unabortable.
+                raise fs_error(errno.EBUSY, f"{node.path}: a job runs with this host "
+                                            f"({'; '.join(busy)[:200]}); wait for it, or "
+                                            f"echo abort > domains/VM/control")
             if self.lifecycle is not None:
                 await self.lifecycle.detach(node)
             node.events.end("removed")  # its readers get the line, then the end of file
