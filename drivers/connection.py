@@ -410,19 +410,13 @@ class Connection:
         names the call in the log should it finish after its timeout.  `changes=False`
         says it only reads (a job's poll): finishing late, it changed nothing to read
         afresh."""
-        if self._hung_since is not None:
-            raise DriverError(errno.ETIMEDOUT, f"{self.where} is not answering: a liveness "
-                                               f"probe has waited "
-                                               f"{time.monotonic() - self._hung_since:.0f} s")
+        self._refuse_if_hung()
         if self._abandoned >= MAX_ABANDONED:
             raise DriverError(errno.ETIMEDOUT, f"{self._abandoned} libvirt calls to "
                                                f"{self.where} still wait after "
                                                f"{self.timeout:g} s; no more are started")
         call = _Call(what or getattr(fn, "__qualname__", "a libvirt call"))
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="libvirtfs-watch",
-                                             daemon=True)
-            self._watcher.start()
+        self._start_watcher()
 
         def in_thread() -> T:
             with self._state_lock:
@@ -478,15 +472,9 @@ class Connection:
         which runs as long as it progresses, watched by its own short calls.  It is not a
         stuck call for the hung-host rule and is never abandoned while anyone waits; only
         a cancel from outside (unmount) leaves its thread to finish alone."""
-        if self._hung_since is not None:
-            raise DriverError(errno.ETIMEDOUT, f"{self.where} is not answering: a liveness "
-                                               f"probe has waited "
-                                               f"{time.monotonic() - self._hung_since:.0f} s")
+        self._refuse_if_hung()
         call = _Call(what or getattr(fn, "__qualname__", "a libvirt job"))
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="libvirtfs-watch",
-                                             daemon=True)
-            self._watcher.start()
+        self._start_watcher()
 
         def in_thread() -> T:
             with self._state_lock:
@@ -503,6 +491,20 @@ class Connection:
         self._token = trio.lowlevel.current_trio_token()
         return await trio.to_thread.run_sync(in_thread, limiter=self._long_threads,
                                              abandon_on_cancel=True)
+
+    def _refuse_if_hung(self) -> None:
+        """While a liveness probe goes unanswered, calls fail at once."""
+        hung_since = self._hung_since
+        if hung_since is not None:
+            raise DriverError(errno.ETIMEDOUT, f"{self.where} is not answering: a liveness "
+                                               f"probe has waited "
+                                               f"{time.monotonic() - hung_since:.0f} s")
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="libvirtfs-watch",
+                                             daemon=True)
+            self._watcher.start()
 
     def _abandon(self, call: _Call) -> bool:
         """Nobody waits for `call` any more; True if its thread is still in libvirt."""
