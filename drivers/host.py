@@ -339,6 +339,11 @@ class Host(SnapshotCalls):
         # hold the writer with no job for job_stall to see), with keepalive.
         opened = (await self._open_destination(dest_uri)
                   if dest_uri is not None and "p2p" not in words else None)
+        if dest_host is not None:
+            # The same for a mounted host: (re)connected, and not known to be hung, by the
+            # bounded path; in the job nothing bounds a destination that never answers.
+            await dest_host.connection.call(lambda conn: None, changes=False,
+                                            what="connecting to the destination")
         dest = dest_host.connection if dest_host is not None else opened
 
         def run(conn: libvirt.virConnect) -> None:

@@ -432,3 +432,28 @@ def test_a_host_added_while_mounted_is_reconnected_in_the_background(
     # Nobody reads the host; the mount reconnects it by itself, as a startup host.
     wait_for(lambda: (late / "status").read_text() == "connected\n", timeout=15)
     assert "vm" in os.listdir(late / "domains")
+
+
+def test_migrating_to_a_hung_host_of_the_mount_fails_at_once(mount_factory, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """The destination's connection is asked through the ordinary, bounded path before
+    the job: inside the job nothing bounds a call to a destination that never answers
+    (libvirt's job on the source shows no counters to stall on)."""
+    host_xml = tmp_path / "sick.xml"
+    host_xml.write_text("<node/>")
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    uri = f"test://{host_xml}"
+    mounted = mount_factory(DEMO, f"sick={uri}", options="timeout=1,cache_timeout=0")
+    rules.write_text(f"{uri} delay 5\n")
+    try:
+        expect_errno(errno.ETIMEDOUT, (mounted.host("sick") / "info").read_text)
+        wait_for(lambda: (mounted.host("sick") / "status").read_text().startswith(
+            "disconnected: not answering"))
+        control = mounted.host() / "domains/test/control"
+        expect_errno(errno.ETIMEDOUT, write_file, control, "migrate sick live\n")
+        assert "not answering" in user_error(control)
+    finally:
+        rules.unlink()
+    assert (mounted.host() / "domains/test/state").read_text() == "running\n"
