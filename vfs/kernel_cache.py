@@ -92,6 +92,15 @@ def _tell(item: _Forget) -> None:
             # The kernel's entry is another inode, or a folder still in use: forget the
             # name all the same (without telling watchers of a deletion).
             pyfuse3.invalidate_entry(item.inode, name)
+        if item.deleted:
+            # The deletion reaches the gone node itself only through a name the kernel
+            # still has; a folder held open by a program whose name it forgot already
+            # would keep its attributes for the cache time, and `fstat` (so
+            # `os.listdir(fd)`) would say it exists: its attributes go too.
+            try:
+                pyfuse3.invalidate_inode(item.deleted, True)
+            except OSError as e:
+                log.debug("kernel: attributes of inode %d: %s", item.deleted, e)
     except OSError as e:
         if e.errno != errno.ENOENT:  # the kernel had nothing cached
             log.debug("kernel cache of inode %d %r: %s", item.inode, item.name, e)
