@@ -63,6 +63,13 @@ async def unless_killed(pid: int, fn: Callable[[], Awaitable[T]]) -> T:
     """`await fn()`, given up with EINTR once process `pid` is being killed."""
     if pid <= 0:
         return await fn()
+    return await _unless(fn, lambda: _until_killed(pid),
+                         f"process {pid} was killed while it waited")
+
+
+async def _unless(fn: Callable[[], Awaitable[T]], watch: Callable[[], Awaitable[None]],
+                  message: str) -> T:
+    """`await fn()`, given up with EINTR (`message`) once `watch()` returns first."""
     result: list[outcome.Outcome[T]] = []
     async with trio.open_nursery() as nursery:
         async def run() -> None:
@@ -72,11 +79,11 @@ async def unless_killed(pid: int, fn: Callable[[], Awaitable[T]]) -> T:
                 result.append(outcome.Error(e))
             nursery.cancel_scope.cancel()
         nursery.start_soon(run)
-        await _until_killed(pid)
+        await watch()
         nursery.cancel_scope.cancel()
     if result:
         return result[0].unwrap()
-    raise OSError(errno.EINTR, f"process {pid} was killed while it waited")
+    raise OSError(errno.EINTR, message)
 
 
 async def _until_killed(pid: int) -> None:
@@ -109,19 +116,11 @@ async def unless_interrupted(pids: tuple[int, ...], fn: Callable[[], Awaitable[T
     has an interrupting signal pending (vfs/signals.py): Ctrl-C must end `cat events`."""
     if not pids:
         return await fn()
-    result: list[outcome.Outcome[T]] = []
-    async with trio.open_nursery() as nursery:
-        async def run() -> None:
-            try:
-                result.append(outcome.Value(await fn()))
-            except Exception as e:  # not trio.Cancelled: that one is the nursery's
-                result.append(outcome.Error(e))
-            nursery.cancel_scope.cancel()
-        nursery.start_soon(run)
+
+    async def until_interrupted() -> None:
         await trio.sleep(INTERRUPT_POLL_SECONDS)  # a read that has data never looks
         while not interrupted(*pids):
             await trio.sleep(INTERRUPT_POLL_SECONDS)
-        nursery.cancel_scope.cancel()
-    if result:
-        return result[0].unwrap()
-    raise OSError(errno.EINTR, f"process {pids[0]} was interrupted while it waited")
+
+    return await _unless(fn, until_interrupted,
+                         f"process {pids[0]} was interrupted while it waited")
