@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import libvirt
 import trio
 
-from libvirtfs.drivers import events, eventwords, faults
+from libvirtfs.drivers import counting, events, eventwords, faults
 from libvirtfs.drivers.errors import DriverError, from_libvirt
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Connection:
         self._on_late: list[Callable[[str], None]] = []
         self._on_lost: list[Callable[[str], None]] = []
         self.faults = faults.from_environment()
+        self.counting = counting.enabled()
         self._state_lock = threading.Lock()
         self._abandoned = 0  # threads of abandoned calls still running
         self._probing = False
@@ -287,6 +288,9 @@ class Connection:
         with self._using() as conn:
             target, fault = (self._inject(conn, fn) if self.faults is not None
                              else (conn, None))
+            if self.counting:
+                counting.count("hops")
+                target = counting.Counted(target)
             try:
                 result = fn(target, *args)
             except libvirt.libvirtError as e:
