@@ -1,0 +1,44 @@
+"""The benchmark's instruments: request and call counts read from outside the mount, and
+the benchmark itself (contrib/bench.sh --smoke), which must keep running.  Nothing here
+depends on timings."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import Mounted, run, sh
+
+
+def counters(mounted: Mounted) -> dict[str, int]:
+    """`getfattr -n user.counters MOUNTPOINT`, as `name count` pairs."""
+    text = run("getfattr", "--only-values", "-n", "user.counters", mounted.path).stdout
+    return {name: int(n) for name, n in (line.split() for line in text.splitlines())}
+
+
+def test_a_mount_counts_its_requests_and_libvirt_calls(mount_factory, monkeypatch) -> None:
+    monkeypatch.setenv("LIBVIRTFS_COUNT_CALLS", "1")
+    demo = mount_factory("test:///default")
+    before = counters(demo)
+    assert sh(f"cat {demo.host()}/domains/test/state").stdout == "running\n"
+    after = counters(demo)
+    assert after["fuse.open"] - before["fuse.open"] == 1
+    assert after["fuse.read"] > before["fuse.read"]
+    # Reading the counters is two requests: getfattr asks for the size, then the value.
+    assert after["fuse.getxattr"] - before["fuse.getxattr"] == 2
+    assert after["fuse.total"] == sum(n for name, n in after.items()
+                                      if name.startswith("fuse.") and name != "fuse.total")
+    assert after["libvirt.total"] >= before["libvirt.total"] > 0
+    assert "libvirt.hops" in after
+
+
+def test_libvirt_calls_are_counted_only_when_asked(mount_factory, monkeypatch) -> None:
+    monkeypatch.delenv("LIBVIRTFS_COUNT_CALLS", raising=False)
+    demo = mount_factory("test:///default")
+    names = counters(demo)
+    assert names["fuse.lookup"] >= 0
+    assert not [name for name in names if name.startswith("libvirt.")]
+
+
+def test_the_counters_are_not_listed_so_copies_never_carry_them(demo: Mounted) -> None:
+    assert "user.counters" not in run("getfattr", "-d", "-m", "-", demo.path, check=False).stdout
+    assert "user.counters" not in os.listxattr(demo.path)
