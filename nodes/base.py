@@ -12,6 +12,7 @@ change is never hidden behind an answer older than it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -26,9 +27,8 @@ from collections.abc import Awaitable, Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import trio
-
 from libvirtfs.nodes.handles import ContentHandle, DocumentHandle, Handle, opens_for_writing
+from libvirtfs.nodes.locks import LazyLock
 from libvirtfs.nodes.names import to_filename
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class Context:
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     # What scratch files and open writers hold in memory (see hold()).
     _holders: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    # Fresh renderings, oldest first: (when, file); see QueryFile.
+    _renderings: collections.deque = field(default_factory=collections.deque)
 
     def new_id(self) -> int:
         return next(self._ids)
@@ -102,9 +104,25 @@ class Context:
     def now() -> float:
         return time.time()
 
+    def rendered(self, file: QueryFile, when: float) -> None:
+        """`file` keeps a fresh rendering made at `when`; the bytes of renderings that
+        expired since are let go (each keeps a digest, to tell whether the next differs).
+        So what renderings hold is bounded by what was read in the last `cache_timeout`,
+        not by the size of the tree."""
+        renderings = self._renderings
+        renderings.append((when, file))
+        expired = self.now() - self.cache_timeout
+        while renderings and renderings[0][0] <= expired:
+            when, old = renderings.popleft()
+            old.expire(when)
+
 
 class Node:
-    """Something with a name in the tree."""
+    """Something with a name in the tree.  Nodes have `__slots__`: a mount may hold a
+    hundred thousand of them."""
+
+    __slots__ = ("ctime", "ctx", "gone", "id", "last_error", "moving", "mtime", "name",
+                 "parent")
 
     file_type = 0  # stat.S_IFDIR, S_IFREG or S_IFLNK
     # Each program gets an inode of its own for this node (vfs/callers.py): the kernel
@@ -221,6 +239,7 @@ class Node:
 class File(Node):
     """A regular file; its bytes come from `content()`."""
 
+    __slots__ = ()
     file_type = stat.S_IFREG
 
     async def content(self) -> bytes:
@@ -267,23 +286,41 @@ class QueryFile(File):
     """A file whose content is a rendering of what libvirt says now.
 
     The rendering is kept for `cache_timeout` seconds, so the `stat` before a read and the
-    read itself agree (tar trusts st_size).  mtime moves only when the bytes change.
+    read itself agree (tar trusts st_size).  mtime moves only when the bytes change: once a
+    rendering expired, only its digest is kept to tell (Context.rendered).
+
+    What it shows comes from `render()`: the function given, or a subclass's method.
     """
 
-    def __init__(self, ctx: Context, render: Callable[[], Awaitable[bytes | str]], *,
+    __slots__ = ("_cache_seconds", "_cached", "_digest", "_fetched_at", "_generation",
+                 "_lock", "_render")
+
+    def __init__(self, ctx: Context,
+                 render: Callable[[], Awaitable[bytes | str]] | None = None, *,
                  cache_seconds: float | None = None) -> None:
         super().__init__(ctx)
         self._render = render
         # A file that changes while one watches it (`job`) keeps its rendering shorter.
         self._cache_seconds = cache_seconds
         self._cached: bytes | None = None
+        self._digest: int | None = None  # hash() of the last rendering
         self._fetched_at: float | None = None
         self._generation = 0
-        self._lock = trio.Lock()
+        self._lock = LazyLock()
+
+    async def render(self) -> bytes | str:
+        assert self._render is not None
+        return await self._render()
 
     def invalidate(self) -> None:
         self._generation += 1
-        self._fetched_at = None  # the old bytes stay, to tell whether the next ones differ
+        self._fetched_at = None
+        self._cached = None  # its digest stays, to tell whether the next bytes differ
+
+    def expire(self, when: float) -> None:
+        """The rendering made at `when` is old now: let its bytes go (Context.rendered)."""
+        if self._fetched_at == when:
+            self._fetched_at = self._cached = None
 
     def fresh(self) -> bool:
         limit = self.ctx.cache_timeout
@@ -299,24 +336,27 @@ class QueryFile(File):
                 return self._cached  # type: ignore[return-value]
             generation, fetched_at = self._generation, self.ctx.now()
             try:
-                data = await self._render()
+                data = await self.render()
             except OSError as e:
                 if e.errno != errno.ENOENT or not await self.recheck():
                     raise
                 generation = self._generation
-                data = await self._render()
+                data = await self.render()
             if isinstance(data, str):
                 data = data.encode()
-            if self._cached is not None and data != self._cached:
+            digest = hash(data)
+            if self._digest is not None and digest != self._digest:
                 self.touch()
                 self.ctx.changed(self)
-            self._cached = data
+            self._digest = digest
             if generation == self._generation:  # else a change landed while we asked
-                self._fetched_at = fetched_at
+                self._cached, self._fetched_at = data, fetched_at
+                self.ctx.rendered(self, fetched_at)
             return data
 
 
 class Symlink(Node):
+    __slots__ = ("target",)
     file_type = stat.S_IFLNK
 
     def __init__(self, ctx: Context, target: str) -> None:
@@ -354,6 +394,9 @@ class Directory(Node):
     # mount (a served file once an object is defined) faster than the kernel can be told.
     remembers_missing = False
 
+    __slots__ = ("_by_key", "_by_name", "_ever_scanned", "_generation", "_scan_complete",
+                 "_scan_lock", "_scanned_at")
+
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self._by_key: dict[Hashable, Node] = {}
@@ -362,7 +405,7 @@ class Directory(Node):
         self._ever_scanned = False
         self._generation = 0
         self._scan_complete = True
-        self._scan_lock = trio.Lock()
+        self._scan_lock = LazyLock()
 
     def permissions(self) -> int:
         return 0o555

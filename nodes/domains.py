@@ -6,10 +6,10 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from libvirtfs.nodes import migration
-from libvirtfs.nodes.base import Directory, Entry, QueryFile, fs_error
+from libvirtfs.nodes.base import Context, Directory, QueryFile, fs_error
 from libvirtfs.nodes.guard import FILE_COPIERS, caller
 from libvirtfs.nodes.names import name_for_new_object
-from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
+from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory, folder
 from libvirtfs.nodes.render import key_values
 from libvirtfs.nodes.snapshots import SnapshotsDirectory
 from libvirtfs.nodes.words import (
@@ -130,11 +130,43 @@ class DomainsDirectory(CollectionDirectory):
         target.take(key, node)
 
 
+class LiveXmlFile(QueryFile):
+    __slots__ = ()
+
+    async def render(self) -> str:
+        directory = folder(self)
+        return await directory.host.domain_live_xml(directory.key)  # type: ignore[arg-type]
+
+
+class JobFile(QueryFile):
+    __slots__ = ()
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx, cache_seconds=JOB_CACHE_SECONDS)
+
+    async def render(self) -> bytes:
+        directory = folder(self)
+        return key_values(await directory.host.domain_job(directory.key))  # type: ignore[arg-type]
+
+
+def _snapshots(directory: ObjectDirectory) -> SnapshotsDirectory:
+    return SnapshotsDirectory(directory.ctx, directory.host, directory.key)  # type: ignore[arg-type]
+
+
 class DomainDirectory(ObjectDirectory):
     kind = "domain"
     states = DOMAIN_STATES
-    served_names = ObjectDirectory.served_names | {"live.xml", "snapshots"}
     more_words = ["migrate DEST [OPTIONS]"]
+    served_files = {
+        **ObjectDirectory.served_files,
+        "live.xml": lambda d: LiveXmlFile(d.ctx),
+        "job": lambda d: JobFile(d.ctx),
+        # Keyed by the domain (per_object): a domain defined anew has new snapshots.
+        "snapshots": _snapshots,
+    }
+    served_names = frozenset(served_files)
+
+    __slots__ = ("migrate_setting",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -235,29 +267,11 @@ class DomainDirectory(ObjectDirectory):
                 collection.invalidate()
                 self.ctx.changed(collection)
 
-    served_names = ObjectDirectory.served_names | {"live.xml", "snapshots", "job"}
-
     async def state(self) -> str:
         return (await self.host.domain_state(self.key))[0]  # type: ignore[arg-type]
 
     async def info(self) -> dict[str, Any]:
         return await self.host.domain_info(self.key)  # type: ignore[arg-type]
-
-    def extra_served(self) -> list[Entry]:
-        async def live_xml() -> str:
-            return await self.host.domain_live_xml(self.key)  # type: ignore[arg-type]
-
-        async def job() -> bytes:
-            return key_values(await self.host.domain_job(self.key))  # type: ignore[arg-type]
-
-        return [
-            Entry("live.xml", "live.xml", lambda: QueryFile(self.ctx, live_xml)),
-            Entry("job", "job",
-                  lambda: QueryFile(self.ctx, job, cache_seconds=JOB_CACHE_SECONDS)),
-            # Keyed by the domain: a domain defined anew under this name has new snapshots.
-            Entry(("snapshots", self.key), "snapshots",
-                  lambda: SnapshotsDirectory(self.ctx, self.host, self.key)),
-        ]
 
     async def words(self) -> list[str]:
         words = DOMAIN_WORDS_BY_STATE.get(await self.state(), [])

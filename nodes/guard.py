@@ -96,6 +96,8 @@ def caller() -> Caller:
 class Guard:
     """One object folder's memory of refused removals inside it."""
 
+    __slots__ = ("_armed_at", "_by", "_others_refused")
+
     def __init__(self) -> None:
         self._armed_at: float | None = None
         self._by: set[int] = set()

@@ -21,6 +21,7 @@ class NetworksDirectory(CollectionDirectory):
 class NetworkDirectory(ObjectDirectory):
     kind = "network"
     states = NETWORK_STATES
+    __slots__ = ()
 
     async def state(self) -> str:
         return await self.host.network_state(self.key)  # type: ignore[arg-type]

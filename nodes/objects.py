@@ -10,23 +10,82 @@ object from its `xml` and leaves `control` and the others served.
 Each object folder has one lock for what changes the object (define, control words,
 rmdir, mv), so an rmdir never races a `start` into a transient running domain; and a
 `Guard` (guard.py) that keeps recursive deletes from removing it.
+
+An object folder's served files do not depend on libvirt, only on its key: they are made
+once (`served_files`, a table per kind, no closures per folder), and only those asked for
+by name until something lists the folder: `cat domains/*/state` makes one file per
+domain, not eight.  They are made anew only when the folder's shape changes (its key, its
+pending `xml`).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from libvirtfs.nodes.base import Context, Directory, Entry, File, Node, QueryFile, fs_error
 from libvirtfs.nodes.guard import Guard
+from libvirtfs.nodes.locks import LazyLock
 from libvirtfs.nodes.names import from_filename, name_for_new_object, to_filename
 from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.words import CONTROL_WORDS
 from libvirtfs.nodes.writable import ControlFile, DefinitionFile, FlagFile, ScratchFile
+
+# What an object folder's files were made for (ObjectDirectory._built_key) before any.
+_UNBUILT = object()
+
+
+def folder(node: Node) -> ObjectDirectory:
+    """The object folder a served file belongs to."""
+    parent = node.parent
+    assert isinstance(parent, ObjectDirectory)
+    return parent
+
+
+class StateFile(QueryFile):
+    """`state`: the word the object's folder says."""
+
+    __slots__ = ()
+
+    async def render(self) -> bytes:
+        return word(await folder(self).state())
+
+
+class InfoFile(QueryFile):
+    __slots__ = ()
+
+    async def render(self) -> bytes:
+        return key_values(await folder(self).info())
+
+
+class AutostartFile(FlagFile):
+    __slots__ = ()
+
+    async def read(self) -> bool:
+        # The folder's host, not the host of now: a folder migrated by mv keeps its files.
+        directory = folder(self)
+        return await directory.host.autostart(directory.kind, directory.key)  # type: ignore[arg-type]
+
+    async def write(self, value: bool) -> None:
+        directory = folder(self)
+        await directory.host.set_autostart(directory.kind, directory.key,  # type: ignore[arg-type]
+                                           value)
+        directory.invalidate_all()  # `info` says autostart too
+
+
+class ObjectControlFile(ControlFile):
+    __slots__ = ()
+
+    async def words(self) -> list[str]:
+        return await folder(self).listed_words()
+
+    async def run(self, word: str, arguments: list[str]) -> None:
+        await folder(self).control(word, arguments)
 
 if TYPE_CHECKING:
     from libvirtfs.nodes.backend import Host
@@ -48,6 +107,23 @@ class ObjectDirectory(Directory):
                                                         "control"})
     # Words `control` takes besides CONTROL_WORDS and `wait`, as its usage says them.
     more_words: ClassVar[list[str]] = []
+    # What an existing object serves, name -> how to make it, in listing order.
+    served_files: ClassVar[dict[str, Callable[[ObjectDirectory], Node]]] = {
+        "state": lambda d: StateFile(d.ctx),
+        "info": lambda d: InfoFile(d.ctx),
+        "xml": lambda d: DefinitionFile(d.ctx, d),
+        "autostart": lambda d: AutostartFile(d.ctx),
+        "control": lambda d: ObjectControlFile(d.ctx),
+    }
+    # Served folders keyed by the object too: one defined anew under this name (a new
+    # key) has new snapshots or volumes, so a new node.
+    per_object: ClassVar[frozenset[str]] = frozenset({"snapshots", "volumes"})
+    # Whether the served files are made once (no libvirt call decides them); else listed
+    # again every cache_timeout, as any folder.
+    fixed: ClassVar[bool] = True
+
+    __slots__ = ("_built_key", "_built_xml", "_guard", "_partial", "_scratch",
+                 "_xml_created", "host", "key", "lock", "parent_key")
 
     def __init__(self, ctx: Context, host: Host, key: str | None,
                  parent_key: str | None = None) -> None:
@@ -55,10 +131,21 @@ class ObjectDirectory(Directory):
         self.host = host
         self.key = key
         self.parent_key = parent_key
-        self._scratch: dict[str, ScratchFile] = {}
-        self.lock = trio.Lock()  # define, control words, rmdir and mv, one at a time
-        self.guard = Guard()
+        self._scratch: dict[str, ScratchFile] | None = None  # made by the first one
+        self.lock = LazyLock()  # define, control words, rmdir and mv, one at a time
+        self._guard: Guard | None = None
         self._xml_created = False  # pending: `xml` appears once a writer creates it
+        # The key and pending `xml` the served files were made for, and whether only
+        # those looked up by name are made yet.
+        self._built_key: object = _UNBUILT
+        self._built_xml = False
+        self._partial = False
+
+    @property
+    def guard(self) -> Guard:
+        if self._guard is None:
+            self._guard = Guard()
+        return self._guard
 
     def permissions(self) -> int:
         return 0o555 if self.ctx.read_only else 0o755
@@ -175,46 +262,87 @@ class ObjectDirectory(Directory):
         for node in self.walk_known():
             node.invalidate()
 
-    def extra_served(self) -> list[Entry]:
-        return []
+    def _served_key(self, name: str) -> Hashable:
+        return (name, self.key) if name in self.per_object else name
 
     def served(self) -> list[Entry]:
-        # `self.host`, not the host of now: a folder migrated by mv keeps its files.
-        ctx, kind = self.ctx, self.kind
-
-        async def state() -> bytes:
-            return word(await self.state())
-
-        async def info() -> bytes:
-            return key_values(await self.info())
-
-        async def autostart() -> bool:
-            return await self.host.autostart(kind, self.key)  # type: ignore[arg-type]
-
-        async def set_autostart(value: bool) -> None:
-            await self.host.set_autostart(kind, self.key, value)  # type: ignore[arg-type]
-            self.invalidate_all()  # `info` says autostart too
-
-        return [
-            Entry("state", "state", lambda: QueryFile(ctx, state)),
-            Entry("info", "info", lambda: QueryFile(ctx, info)),
-            Entry("xml", "xml", lambda: DefinitionFile(ctx, self)),
-            Entry("autostart", "autostart", lambda: FlagFile(ctx, autostart, set_autostart)),
-            Entry("control", "control", lambda: ControlFile(ctx, self.listed_words, self.control)),
-            *self.extra_served(),
-        ]
+        return [Entry(self._served_key(name), name, functools.partial(make, self))
+                for name, make in self.served_files.items()]
 
     async def scan(self) -> list[Entry]:
+        self._built_key, self._built_xml = self.key, self._xml_created
         if self.key is None:
             # Empty, so that cp -r, tar and install can create `xml` (they use O_EXCL).
             if not self._xml_created:
                 return []
-            return [Entry("xml", "xml", lambda: DefinitionFile(self.ctx, self))]
+            return [Entry("xml", "xml", functools.partial(DefinitionFile, self.ctx, self))]
         return self.served()
 
+    # -- served files made once, and on demand ------------------------------------------
+
+    def _built(self) -> bool:
+        """Whether the served files made so far are for the folder's present shape."""
+        return self._built_key == self.key and self._built_xml == self._xml_created
+
+    def fresh(self) -> bool:
+        if not self.fixed:
+            return super().fresh()
+        return self._built() and not self._partial
+
+    async def children(self, *, refresh: bool = False) -> dict[str, Node]:
+        if self._partial and self._built():
+            self._make_all()
+        return await super().children(refresh=refresh)
+
+    def _make(self, name: str) -> Node | None:
+        make = self.served_files.get(name)
+        if make is None:
+            return None
+        node = make(self)
+        node.parent, node.name = self, name
+        self._by_key[self._served_key(name)] = node
+        self._by_name[name] = node  # the newest id: the listing stays in id order
+        return node
+
+    def _make_all(self) -> None:
+        """Make the served files no lookup made yet: the folder is the same to anybody."""
+        for name in self.served_files:
+            if name not in self._by_name:
+                self._make(name)
+        self._partial = False
+
+    async def find(self, name: str) -> Node | None:
+        """A lookup makes the file it names, not the whole folder."""
+        if not self.fixed or self.key is None:
+            return await super().find(name)
+        if not self._built():
+            if self._ever_scanned:  # its key changed: list again, matching what was made
+                return await super().find(name)
+            self._built_key, self._built_xml = self.key, self._xml_created
+            self._partial = self._ever_scanned = True
+        node = self._by_name.get(name)
+        if node is None and self._partial:
+            node = self._make(name)
+        if node is None and self._scratch:
+            node = self._scratch.get(name)
+        return node
+
+    def _adopt(self, entries: list[Entry]) -> None:
+        if self._partial:
+            # What lookups made is no listing: completing it changes no name (no mtime).
+            self._ever_scanned = self._partial = False
+        super()._adopt(entries)
+
     def extra_children(self) -> dict[str, Node]:
+        if not self._scratch:
+            return {}
         return {name: scratch for name, scratch in self._scratch.items()
                 if name not in self._by_name}
+
+    def _scratch_files(self) -> dict[str, ScratchFile]:
+        if self._scratch is None:
+            self._scratch = {}
+        return self._scratch
 
     # -- the definition ----------------------------------------------------------------
 
@@ -259,12 +387,12 @@ class ObjectDirectory(Directory):
             raise self._not_a_scratch_name(name)
         scratch = ScratchFile(self.ctx)
         scratch.parent, scratch.name = self, name
-        self._scratch[name] = scratch
+        self._scratch_files()[name] = scratch
         self.touch()
         return scratch
 
     async def remove(self, name: str, *, directory: bool) -> None:
-        if name in self._scratch:
+        if self._scratch and name in self._scratch:
             self._scratch.pop(name).data = b""  # its memory is given back (Context.hold)
             self.touch()
             return
@@ -284,7 +412,7 @@ class ObjectDirectory(Directory):
 
     async def rename(self, name: str, target: Directory, new_name: str, *,
                      replace: bool = True) -> None:
-        source = self._scratch.get(name)
+        source = self._scratch.get(name) if self._scratch else None
         if source is None:
             node = (await self.children()).get(name)
             if node is None:
@@ -307,7 +435,7 @@ class ObjectDirectory(Directory):
                     target._xml_created = False
                     target.invalidate()
                 raise
-            self._scratch.pop(name, None)
+            self._scratch_files().pop(name, None)
             source.replaced = existing
             self.touch()
             return
@@ -316,21 +444,25 @@ class ObjectDirectory(Directory):
                 raise fs_error(errno.EPERM, f"{existing.path} cannot be replaced")
             # The atomic replace of sed -i, editors and Ansible: commit, then drop.
             await existing.commit(source.data)
-            self._scratch.pop(name, None)
+            self._scratch_files().pop(name, None)
             source.replaced = existing
             self.touch()
             return
         if not isinstance(target, ObjectDirectory):
             raise fs_error(errno.EPERM, f"files cannot be moved to {target.path}")
-        self._scratch.pop(name, None)
-        target._scratch[new_name] = source
+        self._scratch_files().pop(name, None)
+        target._scratch_files()[new_name] = source
         source.parent, source.name = target, new_name
         self.touch()
         target.touch()
 
 
 class CollectionDirectory(Directory):
-    """A folder of objects of one kind; `make(key)` builds an object's folder."""
+    """A folder of objects of one kind; `make(key)` builds an object's folder.
+
+    Pending folders (made by mkdir) are kept apart from the listing, and nothing done per
+    lookup, mkdir or scan walks all of them: thousands of them cost each mkdir no more
+    than the first (the merged listing readdir shows is made once per change)."""
 
     kind: ClassVar[str]
     remembers_missing = True  # every miss would cost a libvirt listing

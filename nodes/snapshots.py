@@ -243,6 +243,7 @@ class SnapshotDirectory(ObjectDirectory):
 
     kind = "snapshot"
     served_names = frozenset({"xml", "state", "info", "control", "parent"})
+    fixed = False  # what it serves depends on the listing of snapshots/
 
     def __init__(self, ctx: Context, snapshots: SnapshotsDirectory, name: str, *,
                  pending: bool = False, metadata: bool = True) -> None:

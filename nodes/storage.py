@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from libvirtfs.nodes.base import Entry, QueryFile
-from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory
+from libvirtfs.nodes.base import QueryFile
+from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory, folder
 from libvirtfs.nodes.render import key_values, word
 from libvirtfs.nodes.words import POOL_STATES
 from libvirtfs.nodes.writable import DefinitionFile
@@ -25,10 +25,17 @@ class PoolsDirectory(CollectionDirectory):
         return PoolDirectory(self.ctx, self.host, key)
 
 
+def _volumes(directory: ObjectDirectory) -> VolumesDirectory:
+    return VolumesDirectory(directory.ctx, directory.host, directory.key)
+
+
 class PoolDirectory(ObjectDirectory):
     kind = "pool"
     states = POOL_STATES
-    served_names = ObjectDirectory.served_names | {"volumes"}
+    # `volumes` is keyed by the pool (per_object): a pool defined anew has new volumes.
+    served_files = {**ObjectDirectory.served_files, "volumes": _volumes}
+    served_names = frozenset(served_files)
+    __slots__ = ()
 
     async def state(self) -> str:
         return await self.host.pool_state(self.key)  # type: ignore[arg-type]
@@ -38,10 +45,6 @@ class PoolDirectory(ObjectDirectory):
 
     async def words(self) -> list[str]:
         return POOL_WORDS_BY_STATE.get(await self.state(), [])
-
-    def extra_served(self) -> list[Entry]:
-        return [Entry(("volumes", self.key), "volumes",
-                      lambda: VolumesDirectory(self.ctx, self.host, self.key))]
 
 
 class VolumesDirectory(CollectionDirectory):
@@ -55,23 +58,34 @@ class VolumesDirectory(CollectionDirectory):
         return VolumeDirectory(self.ctx, self.host, key, self.parent_key)
 
 
+class VolumeInfoFile(QueryFile):
+    __slots__ = ()
+
+    async def render(self) -> bytes:
+        directory = folder(self)
+        return key_values(await directory.host.volume_info(*_volume(directory)))
+
+
+class VolumePathFile(QueryFile):
+    __slots__ = ()
+
+    async def render(self) -> bytes:
+        directory = folder(self)
+        return word(await directory.host.volume_path(*_volume(directory)))
+
+
+def _volume(directory: ObjectDirectory) -> tuple[str, str]:
+    """(pool UUID, volume name) of a volume's folder."""
+    assert directory.key is not None and directory.parent_key is not None
+    return directory.parent_key, directory.key.partition("/")[2]
+
+
 class VolumeDirectory(ObjectDirectory):
     kind = "volume"
-    served_names = frozenset({"xml", "info", "path"})
-
-    def served(self) -> list[Entry]:
-        host, ctx = self.host, self.ctx
-        assert self.key is not None and self.parent_key is not None
-        pool, volume = self.parent_key, self.key.partition("/")[2]
-
-        async def info() -> bytes:
-            return key_values(await host.volume_info(pool, volume))
-
-        async def path() -> bytes:
-            return word(await host.volume_path(pool, volume))
-
-        return [
-            Entry("xml", "xml", lambda: DefinitionFile(ctx, self)),
-            Entry("info", "info", lambda: QueryFile(ctx, info)),
-            Entry("path", "path", lambda: QueryFile(ctx, path)),
-        ]
+    served_files = {
+        "xml": lambda d: DefinitionFile(d.ctx, d),
+        "info": lambda d: VolumeInfoFile(d.ctx),
+        "path": lambda d: VolumePathFile(d.ctx),
+    }
+    served_names = frozenset(served_files)
+    __slots__ = ()

@@ -81,10 +81,18 @@ class DefinitionFile(QueryFile):
     """`xml`: reading shows the definition; a whole new document, written and closed or
     renamed onto it, defines or updates the object."""
 
+    __slots__ = ("directory",)
+
     def __init__(self, ctx: Context, directory: ObjectDirectory) -> None:
-        super().__init__(ctx, directory.definition)
+        super().__init__(ctx)
         self.directory = directory
-        self.max_size = directory.host.max_document_bytes
+
+    @property
+    def max_size(self) -> int:  # type: ignore[override]
+        return self.directory.host.max_document_bytes
+
+    async def render(self) -> bytes:
+        return await self.directory.definition()
 
     @property
     def writable(self) -> bool:
@@ -101,6 +109,7 @@ class WordFile(QueryFile):
     """A file each write() of which is carried out before write() returns, so the writer
     gets libvirt's answer; opening it to write renders nothing."""
 
+    __slots__ = ()
     per_caller = True  # a `wait` in one shell must not hold up another shell's words
     max_size = MAX_WORD_FILE_BYTES  # truncate(2) would otherwise make its zeros in memory
 
@@ -121,12 +130,24 @@ class ControlFile(WordFile):
     """`control`: each write is one word, carried out before write() returns, so the
     writer gets libvirt's answer.  Reading lists the words that make sense now."""
 
-    def __init__(self, ctx: Context, words: Callable[[], Awaitable[list[str]]],
-                 run: Callable[[str, list[str]], Awaitable[None]]) -> None:
-        async def render() -> bytes:
-            return "".join(f"{word}\n" for word in await words()).encode()
-        super().__init__(ctx, render)
-        self._run = run
+    __slots__ = ("_run", "_words")
+
+    def __init__(self, ctx: Context, words: Callable[[], Awaitable[list[str]]] | None = None,
+                 run: Callable[[str, list[str]], Awaitable[None]] | None = None) -> None:
+        super().__init__(ctx)
+        self._words, self._run = words, run
+
+    async def words(self) -> list[str]:
+        """The words that make sense now (a subclass may ask its folder instead)."""
+        assert self._words is not None
+        return await self._words()
+
+    async def run(self, word: str, arguments: list[str]) -> None:
+        assert self._run is not None
+        await self._run(word, arguments)
+
+    async def render(self) -> bytes:
+        return "".join(f"{word}\n" for word in await self.words()).encode()
 
     async def execute(self, data: bytes) -> None:
         try:
@@ -139,12 +160,12 @@ class ControlFile(WordFile):
                                          f"(got {len(lines)} lines)")
         word, *arguments = lines[0]
         try:
-            await self._run(word, arguments)
+            await self.run(word, arguments)
         except OSError as e:
             # Its object was defined anew under the same name: the word is for the new one.
             if e.errno != errno.ENOENT or not await self.recheck():
                 raise
-            await self._run(word, arguments)
+            await self.run(word, arguments)
         self.last_error = ""
         self.invalidate()
 
@@ -166,19 +187,30 @@ class FlagFile(WordFile):
     """`autostart`: 0 or 1, taken at write() so that `echo maybe > autostart` fails
     visibly; a file renamed onto it works too."""
 
-    def __init__(self, ctx: Context, read: Callable[[], Awaitable[bool]],
-                 write: Callable[[bool], Awaitable[None]]) -> None:
-        async def render() -> bytes:
-            return b"1\n" if await read() else b"0\n"
-        super().__init__(ctx, render)
-        self._write = write
+    __slots__ = ("_read", "_write")
+
+    def __init__(self, ctx: Context, read: Callable[[], Awaitable[bool]] | None = None,
+                 write: Callable[[bool], Awaitable[None]] | None = None) -> None:
+        super().__init__(ctx)
+        self._read, self._write = read, write
+
+    async def read(self) -> bool:
+        assert self._read is not None
+        return await self._read()
+
+    async def write(self, value: bool) -> None:
+        assert self._write is not None
+        await self._write(value)
+
+    async def render(self) -> bytes:
+        return b"1\n" if await self.read() else b"0\n"
 
     async def execute(self, data: bytes) -> None:
         value = data.strip()
         if value not in (b"0", b"1"):
             shown = value[:20].decode(errors="replace")
             raise fs_error(errno.EINVAL, f"{self.name} takes 0 or 1, not {shown!r}")
-        await self._write(value == b"1")
+        await self.write(value == b"1")
         self.last_error = ""
         self.invalidate()
 
