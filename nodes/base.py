@@ -433,11 +433,15 @@ class Directory(Node):
 
     async def children(self, *, refresh: bool = False) -> dict[str, Node]:
         """File name -> node, in a stable order (by node id)."""
+        await self.listed(refresh=refresh)
+        return self._visible()
+
+    async def listed(self, *, refresh: bool = False) -> None:
+        """Scan now if the listing is not fresh (or `refresh`), one scan at a time."""
         if refresh or not self.fresh():
             async with self._scan_lock:
                 if refresh or not self.fresh():
                     await self._rescan()
-        return self._visible()
 
     def _visible(self) -> dict[str, Node]:
         extra = self.extra_children()
@@ -450,8 +454,12 @@ class Directory(Node):
     # without dropping anything, and not as fresh.
     _SCAN_ATTEMPTS = 3
 
+    def _told(self) -> dict[str, Node]:
+        """What the kernel is told changes of after a scan: what it may have cached."""
+        return self._visible()
+
     async def _rescan(self) -> None:
-        before = self._visible() if self._ever_scanned else None
+        before = dict(self._told()) if self._ever_scanned else None
         listed = list(self._by_key.values())
         for _ in range(self._SCAN_ATTEMPTS):
             generation, scanned_at = self._generation, self.ctx.now()
@@ -469,7 +477,7 @@ class Directory(Node):
                 if id(node) not in kept and node.parent is self and not node.moving:
                     node.vanish()
         if before is not None:
-            self._tell_entries(before, self._visible())
+            self._tell_entries(before, self._told())
 
     def _tell_entries(self, before: dict[str, Node], after: dict[str, Node]) -> None:
         """Say which names went, appeared or changed node, for the kernel's caches."""

@@ -472,6 +472,31 @@ class CollectionDirectory(Directory):
         self.host = host
         self.parent_key = parent_key
         self._pending: dict[str, ObjectDirectory] = {}
+        self._pending_changes = 0  # counts changes of _pending, for _shown
+        # The merged listing, and the listing and pending version it was made of.
+        self._shown: tuple[dict[str, Node], int, int, dict[str, Node]] | None = None
+
+    def _pending_changed(self) -> None:
+        self._pending_changes += 1
+
+    def _visible(self) -> dict[str, Node]:
+        if not self._pending:
+            return self._by_name
+        shown = self._shown
+        if (shown is not None and shown[0] is self._by_name
+                and shown[1] == len(self._by_name) and shown[2] == self._pending_changes):
+            return shown[3]
+        merged = super()._visible()
+        self._shown = (self._by_name, len(self._by_name), self._pending_changes, merged)
+        return merged
+
+    def _told(self) -> dict[str, Node]:
+        # A scan changes no pending folder: only the listed names can change.
+        return self._by_name
+
+    async def find(self, name: str) -> Node | None:
+        await self.listed()
+        return self._by_name.get(name) or self._pending.get(name)
 
     def permissions(self) -> int:
         return 0o555 if self.ctx.read_only else 0o755
@@ -487,10 +512,13 @@ class CollectionDirectory(Directory):
         listing = await self.listing()
         # A folder made here whose definition libvirt has taken but not yet answered for
         # is that object: it keeps its node, and no second one appears meanwhile.
-        defining = {name for name, node in self._pending.items() if node.defining}
         return [Entry(key, name, lambda key=key: self.make(key))
                 for key, name in listing
-                if key in self._by_key or to_filename(name, self.reserved) not in defining]
+                if key in self._by_key or not self._defining(to_filename(name, self.reserved))]
+
+    def _defining(self, name: str) -> bool:
+        pending = self._pending.get(name)
+        return pending is not None and pending.defining
 
     def extra_children(self) -> dict[str, Node]:
         return {name: node for name, node in self._pending.items() if name not in self._by_name}
@@ -513,6 +541,7 @@ class CollectionDirectory(Directory):
     def adopt(self, node: ObjectDirectory) -> None:
         """A pending folder's object now exists: it keeps its node (and inode)."""
         self._pending.pop(node.name, None)
+        self._pending_changed()
         self._by_key[node.key] = node
         self._by_name = dict(sorted({**self._by_name, node.name: node}.items(),
                                     key=lambda item: item[1].id))  # listed where it was
@@ -520,11 +549,13 @@ class CollectionDirectory(Directory):
 
     async def mkdir(self, name: str) -> Directory:
         name_for_new_object(name, self.reserved)
-        if name in await self.children(refresh=True):
+        await self.listed(refresh=True)
+        if name in self._by_name or name in self._pending:
             raise fs_error(errno.EEXIST, f"{self.path}/{name} exists")
         node = self.make(None)
         node.parent, node.name = self, name
         self._pending[name] = node
+        self._pending_changed()
         self.touch()
         return node
 
@@ -545,6 +576,7 @@ class CollectionDirectory(Directory):
             if pending.lock.locked():
                 raise fs_error(errno.EBUSY, f"{pending.path}: its xml is being defined now")
             del self._pending[name]
+            self._pending_changed()
             self.invalidate()  # an object of that name defined elsewhere shows at once
             self.touch()
             return
@@ -571,6 +603,7 @@ class CollectionDirectory(Directory):
             self._pending.pop(name, None)
             node.name = new_name
             self._pending[new_name] = node
+            self._pending_changed()
         else:
             async with node.lock:
                 await self.host.rename(self.kind, node.key,
