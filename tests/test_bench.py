@@ -5,8 +5,10 @@ depends on timings."""
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
-from conftest import Mounted, run, sh
+from conftest import REPO, Mounted, run, sh
 
 
 def counters(mounted: Mounted) -> dict[str, int]:
@@ -42,3 +44,25 @@ def test_libvirt_calls_are_counted_only_when_asked(mount_factory, monkeypatch) -
 def test_the_counters_are_not_listed_so_copies_never_carry_them(demo: Mounted) -> None:
     assert "user.counters" not in run("getfattr", "-d", "-m", "-", demo.path, check=False).stdout
     assert "user.counters" not in os.listxattr(demo.path)
+
+
+def test_the_benchmark_runs(tmp_path: Path) -> None:
+    """contrib/bench.sh --smoke: 20 domains, one run of every test-driver workload on both
+    filesystems; a table and the bars come out, are written where asked, and nothing is
+    left mounted."""
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n\nkept\n")
+    result = run("bash", REPO / "contrib/bench.sh", "--smoke", "--output", out, timeout=600)
+    page = out.read_text()
+    assert page.startswith("# Performance\n\nkept\n")
+    for row in ("`ls -l domains/` | cold", "`cat */state` | expired", "`cat */info` | hot",
+                "`grep -l running */state` | hot", "`cat */xml` | cold",
+                "`stat nosuchN`, per miss", "`mkdir snapshots/s{01..20}`", "8 readers",
+                "RSS right after mounting", "### The bars of issue 9"):
+        assert row in page, row
+    assert "failed" not in page.split("### The bars")[0], page
+    assert page.count("contrib/bench.sh writes from here") == 1
+    assert result.stdout.strip() in page
+    work = re.search(r"work folder: (\S+)", result.stderr).group(1)
+    assert not Path(work).exists()
+    assert work not in Path("/proc/mounts").read_text()
