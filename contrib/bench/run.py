@@ -160,7 +160,15 @@ class Bench:
             "libvirtfs": lambda: mount_libvirtfs(self.work, uri, "big", self.ct),
         }
         self.warm_up(starts["null"])
+        began = time.monotonic()
         for rep in range(reps):
+            if rep and time.monotonic() - began > self.args.budget * 60:
+                self.results.reps[fixture] = rep
+                self.results.notes.append(
+                    f"{count:,} domains: {rep} run(s), the most that fit in --budget "
+                    f"{self.args.budget:g} minutes (one run took "
+                    f"{(time.monotonic() - began) / rep / 60:.1f} minutes)")
+                break
             order = ["null", "libvirtfs"] if rep % 2 == 0 else ["libvirtfs", "null"]
             for label, command in WORKLOADS:
                 for contender in order:
@@ -340,6 +348,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=7, help="repetitions (default 7)")
     parser.add_argument("--reps-10000", type=int, default=3,
                         help="repetitions at 10,000 domains (default 3)")
+    parser.add_argument("--budget", type=float, default=12,
+                        help="minutes after which no new run of a test-driver part starts "
+                             "(default 12; at least one run)")
     parser.add_argument("--reps-remote", type=int, default=3,
                         help="repetitions over the remote connections (default 3)")
     parser.add_argument("--quick", action="store_true",
