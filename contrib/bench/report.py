@@ -101,7 +101,7 @@ def test_driver_table(r: Results, fixture: str) -> list[str]:
         for key, what in (("after mount", "RSS right after mounting"),
                           ("after ls, cat", "RSS after `ls -l`, `cat` of state, info, xml"),
                           ("peak", "peak RSS (VmHWM) after those"),
-                          ("after lookups", "RSS after {lookups:,} missing-name lookups")):
+                          ("after lookups", "RSS after {lookups:,} lookups (half missing names)")):
             text = what.format(lookups=int(mem["libvirtfs"].get("lookups", 0)))
             out.append(f"| {text} | | {mb(mem['null'].get(key))} | "
                        f"{mb(mem['libvirtfs'].get(key))} | | | |")

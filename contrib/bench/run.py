@@ -180,7 +180,7 @@ class Bench:
                 self.misc(fixture, contender, starts[contender], count, rep)
         for contender in ("null", "libvirtfs"):
             self.log(f"{fixture}: memory of {contender}")
-            self.memory(fixture, contender, starts[contender])
+            self.memory(fixture, contender, starts[contender], count)
 
     def warm_up(self, start: Callable[[], Mount]) -> None:
         """Bring the tools and the page cache up to speed before anything is timed."""
@@ -224,9 +224,10 @@ class Bench:
         finally:
             self.unmount(mount)
 
-    def memory(self, fixture: str, contender: str, start: Callable[[], Mount]) -> None:
+    def memory(self, fixture: str, contender: str, start: Callable[[], Mount],
+               count: int) -> None:
         """RSS right after mounting, peak after ls -l and cat of state, info and xml, and
-        after many lookups of missing names."""
+        after many lookups of existing and missing names."""
         mount = self.mounted(start)
         try:
             found: dict[str, int | float] = {"after mount": mount.memory()["VmRSS"]}
@@ -236,14 +237,18 @@ class Bench:
             found["after ls, cat"] = used["VmRSS"]
             found["peak"] = used["VmHWM"]
             lookups = self.args.lookups
-            script = ("import os, sys, time\nn = int(sys.argv[1]); deadline = time.monotonic()"
-                      " + float(sys.argv[2])\nfor i in range(n):\n    try:\n"
-                      "        os.stat(f'lookup{i}')\n    except FileNotFoundError:\n"
-                      "        pass\n    if i % 1000 == 0 and time.monotonic() > deadline:\n"
+            # Half existing names (VM/state, every domain in turn), half missing ones (new).
+            script = ("import os, sys, time\nn, count = int(sys.argv[1]), int(sys.argv[3])\n"
+                      "deadline = time.monotonic() + float(sys.argv[2])\n"
+                      "for i in range(n):\n    try:\n"
+                      "        os.stat(f'vm-{i // 2 % count:05d}/state' if i % 2 else "
+                      "f'lookup{i}')\n    except FileNotFoundError:\n        pass\n"
+                      "    if i % 1000 == 0 and time.monotonic() > deadline:\n"
                       "        print(i); break\nelse:\n    print(n)\n")
             started = time.perf_counter()
             result = subprocess.run([sys.executable, "-c", script, str(lookups),
-                                     str(self.args.lookup_seconds)], cwd=mount.domains,
+                                     str(self.args.lookup_seconds), str(count)],
+                                    cwd=mount.domains,
                                     capture_output=True, text=True, timeout=900)
             found["lookups"] = int(result.stdout.strip() or 0)
             found["lookup seconds"] = time.perf_counter() - started
