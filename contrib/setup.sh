@@ -11,6 +11,7 @@ PACKAGES=(
     attr acl vim tar                               # getfattr/setfattr, setfacl, vim, tar: tools the tests drive
     rsync nodejs                                   # recursive deletes and restores the tests try
     procps                                         # pgrep, with which tests find processes
+    strace                                         # how many requests ls -l makes (test_xattrs)
 )
 
 missing=()

@@ -206,8 +206,7 @@ class Node:
         return {"user.error": self.last_error.encode()} if self.last_error else {}
 
     async def set_xattr(self, name: str, value: bytes) -> None:
-        if name.startswith("system.posix_acl_"):
-            return  # tools copy ACLs onto what they write; the tree has none to keep
+        # Only `user.` names get here: the vfs answers EOPNOTSUPP to any other.
         raise fs_error(errno.ENOTSUP, f"{name} cannot be set on {self.path}")
 
     async def remove_xattr(self, name: str) -> None:

@@ -68,8 +68,9 @@ class ScratchFile(File):
         return {**self.xattr_values, **await super().xattrs()}
 
     async def set_xattr(self, name: str, value: bytes) -> None:
-        # Tools copy ACLs and other attributes onto their temporary files; keep them
-        # harmlessly, so that nothing fails half-way through an atomic replace.
+        # Tools copy attributes onto their temporary files (the vfs lets `user.` ones
+        # through); keep them harmlessly, so that nothing fails half-way through an
+        # atomic replace.
         self.xattr_values[name] = value
 
     async def remove_xattr(self, name: str) -> None:

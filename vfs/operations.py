@@ -468,7 +468,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == b"user.counters":
             return counters.text()  # not listed: copies of the tree never carry it
-        values = await self._node(inode).xattrs()
+        node = self._node(inode)
+        _served_namespace(name)  # raises for any name outside user.
+        values = await node.xattrs()
         try:
             return values[_name(name)]
         except KeyError:
@@ -482,15 +484,38 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
         node = self._node(inode)
         self._check_writable_mount(node)
+        if _served_namespace(name, changing=True):
+            return
         with node.reporting(unless=(errno.ENOTSUP, errno.EOPNOTSUPP)):
             await node.set_xattr(_name(name), value)
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
         self._check_writable_mount(self._node(inode))
+        if _served_namespace(name, changing=True):
+            return
         try:
             await self._node(inode).remove_xattr(_name(name))
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
+
+
+_ACLS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+def _served_namespace(name: bytes, *, changing: bool = False) -> bool:
+    """Attributes live in the `user.` namespace only.  Reading any other name
+    (security.selinux and the POSIX ACLs, which `ls -l` asks for every file) is EOPNOTSUPP:
+    ls and getfattr then know the filesystem has none and stop asking, where ENODATA
+    ("this file has none") makes them ask again for the next file.
+
+    Setting or removing an ACL is accepted and has no effect, as chmod is (True: done):
+    `cp -a`, `rsync -A` and setfacl copying an ACL onto a file here must not fail after
+    its content was written.  Any other name outside `user.` is EOPNOTSUPP."""
+    if name.startswith(b"user."):
+        return False
+    if changing and name in _ACLS:
+        return True
+    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
