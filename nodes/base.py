@@ -201,6 +201,14 @@ class Node:
     async def size(self) -> int:
         return 0
 
+    # The vfs answers a request at once, without a cancel scope or any await, when the
+    # answer is at hand (vfs/operations.py, "fast paths"); these say what is.  A subclass
+    # that overrides size, content, open_handle, children or find is asked the slow way
+    # unless it overrides the matching method here too.
+    def size_now(self) -> int | None:
+        """What `size()` answers, when no libvirt call or await is needed; else None."""
+        return 0 if type(self).size is Node.size else None
+
     # Extended attributes: `user.error` holds the last refused operation's message.
     async def xattrs(self) -> dict[str, bytes]:
         return {"user.error": self.last_error.encode()} if self.last_error else {}
@@ -246,6 +254,23 @@ class File(Node):
 
     async def size(self) -> int:
         return len(await self.content())
+
+    def content_now(self) -> bytes | None:
+        """What `content()` answers, when it is at hand (a fresh rendering); else None."""
+        return None
+
+    def size_now(self) -> int | None:
+        if type(self).size is not File.size:
+            return None
+        content = self.content_now()
+        return None if content is None else len(content)
+
+    def open_now(self, flags: int) -> Handle | None:
+        """A reader's handle, when its content is at hand; else None (`open_handle`)."""
+        if opens_for_writing(flags) or type(self).open_handle is not File.open_handle:
+            return None
+        content = self.content_now()
+        return None if content is None else ContentHandle(self, content)
 
     # Writing.  By default a writable file is a document: a handle buffers the whole new
     # text and `commit`s it at close(); rename() onto the file commits too.  Kinds that
@@ -327,6 +352,11 @@ class QueryFile(File):
             limit = min(limit, self._cache_seconds)
         return self._fetched_at is not None and self.ctx.now() - self._fetched_at < limit
 
+    def content_now(self) -> bytes | None:
+        if type(self).content is not QueryFile.content or not self.fresh():
+            return None
+        return self._cached
+
     async def content(self) -> bytes:
         if self.fresh():
             return self._cached  # type: ignore[return-value]
@@ -367,6 +397,9 @@ class Symlink(Node):
 
     async def size(self) -> int:
         return len(self.target.encode())
+
+    def size_now(self) -> int | None:
+        return len(self.target.encode()) if type(self).size is Symlink.size else None
 
 
 @dataclass(frozen=True)
@@ -441,6 +474,21 @@ class Directory(Node):
             async with self._scan_lock:
                 if refresh or not self.fresh():
                     await self._rescan()
+
+    def children_now(self) -> dict[str, Node] | None:
+        """What `children()` answers, when the listing is fresh (no scan); else None."""
+        if type(self).children is not Directory.children or not self.fresh():
+            return None
+        return self._visible()
+
+    def find_now(self, name: str) -> tuple[bool, Node | None]:
+        """(True, what `find(name)` answers) when the listing is at hand; else (False, None)."""
+        if type(self).find is not Directory.find:
+            return False, None
+        children = self.children_now()
+        if children is None:
+            return False, None
+        return True, children.get(name)
 
     def _visible(self) -> dict[str, Node]:
         extra = self.extra_children()
@@ -573,3 +621,7 @@ class StaticDirectory(Directory):
             self._built = True
         return self._by_name
 
+    def children_now(self) -> dict[str, Node] | None:
+        if type(self).children is not StaticDirectory.children or not self._built:
+            return None
+        return self._by_name

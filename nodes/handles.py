@@ -60,6 +60,22 @@ class Handle:
     async def release(self) -> None:
         """The last descriptor is closed."""
 
+    # The vfs answers a request at once, without a cancel scope or any await, when these
+    # say it can (vfs/operations.py, "fast paths"): a hot `cat` is open, two reads, a
+    # flush and a release, and each await costs as much as the answer.  A subclass that
+    # overrides read, flush or release is asked the slow way unless it overrides these.
+    def read_now(self, offset: int, size: int) -> bytes | None:
+        """What `read` answers, when that cannot wait; None: `await read()`."""
+        return None
+
+    def flush_now(self) -> bool:
+        """True when `flush` has nothing to do (a reader's close()); False: `await flush()`."""
+        return type(self).flush is Handle.flush
+
+    def release_now(self) -> bool:
+        """Release now and say True, when that cannot wait; False: `await release()`."""
+        return type(self).release is Handle.release
+
 
 class ContentHandle(Handle):
     """Reads one snapshot of the content, taken at open()."""
@@ -69,6 +85,11 @@ class ContentHandle(Handle):
         self.data = data
 
     async def read(self, offset: int, size: int) -> bytes:
+        return self.data[offset:offset + size]
+
+    def read_now(self, offset: int, size: int) -> bytes | None:
+        if type(self).read is not ContentHandle.read:
+            return None
         return self.data[offset:offset + size]
 
 
@@ -130,6 +151,17 @@ class DocumentHandle(Handle):
 
     async def release(self) -> None:
         self.data = bytearray()  # given back at once, whoever still refers to the handle
+
+    def release_now(self) -> bool:
+        if type(self).release is not DocumentHandle.release:
+            return False
+        self.data = bytearray()
+        return True
+
+    def flush_now(self) -> bool:
+        # What flush() does without committing: nothing, unless written or refused.
+        return (type(self).flush is DocumentHandle.flush
+                and self.failed is None and not self.dirty)
 
     async def flush(self) -> None:
         if self.failed is not None:

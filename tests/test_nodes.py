@@ -192,6 +192,49 @@ async def test_a_refused_write_spoils_the_document(testhost: Host) -> None:
     assert await xml.content() == before
 
 
+async def test_what_is_at_hand_is_answered_at_once_and_only_that(testhost: Host) -> None:
+    # The vfs answers these without awaiting (vfs/operations.py, fast paths): each must say
+    # None (ask the slow way) unless its answer is exactly what the slow way would give.
+    now = [1_800_000_000.0]
+    ctx = Context(cache_timeout=1.0)
+    ctx.now = lambda: now[0]  # type: ignore[method-assign]
+    host_dir = HostDirectory(ctx, testhost)
+    domains = await walk(host_dir, "domains")
+    assert isinstance(domains, Directory)
+    alpha = await domains.lookup("alpha")
+    assert isinstance(alpha, Directory)
+    assert domains.find_now("alpha") == (True, alpha)
+    assert domains.find_now("nosuch") == (True, None)
+    assert alpha.size_now() == 0
+    state = await alpha.lookup("state")
+    assert isinstance(state, QueryFile)
+    assert state.size_now() is None and state.open_now(os.O_RDONLY) is None  # not rendered
+
+    assert await state.size() == 8
+    assert state.size_now() == 8
+    handle = state.open_now(os.O_RDONLY)
+    assert isinstance(handle, ContentHandle)
+    assert handle.read_now(0, 100) == await handle.read(0, 100) == b"running\n"
+    assert handle.flush_now() and handle.release_now()
+    assert state.open_now(os.O_WRONLY) is None and state.open_now(os.O_RDWR) is None
+
+    now[0] += 1  # cache_timeout later: nothing is at hand any more
+    assert state.size_now() is None and state.open_now(os.O_RDONLY) is None
+    assert domains.find_now("alpha") == (False, None)
+    assert (await host_dir.lookup("status")).size_now() is None  # rendered at every read
+
+    xml, document = await open_file(testhost, "domains/alpha/xml", os.O_RDWR)
+    assert isinstance(document, DocumentHandle)
+    assert document.flush_now()  # nothing written: a close() with nothing to commit
+    await document.write(0, await xml.content())
+    assert not document.flush_now()  # close() commits: its error must reach close()
+    await document.flush()
+    assert document.flush_now()
+    with pytest.raises(OSError):
+        await document.write(0, b" " * ((xml.max_size or 0) + 1))
+    assert not document.flush_now()  # close() reports the refused write
+
+
 async def test_control_words_are_carried_out_at_write(testhost: Host) -> None:
     control, handle = await open_file(testhost, "domains/alpha/control", os.O_WRONLY)
     assert isinstance(handle, WordHandle)

@@ -25,5 +25,8 @@ class HandleTable:
     def get(self, fh: int) -> Handle:
         return self._handles[fh]
 
+    def find(self, fh: int) -> Handle | None:
+        return self._handles.get(fh)
+
     def pop(self, fh: int) -> Handle | None:
         return self._handles.pop(fh, None)

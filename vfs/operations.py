@@ -3,6 +3,12 @@
 Every handler goes through `_fuse_errors`: an `OSError` from below becomes its errno
 (pyfuse3 only understands FUSEError, and anything else would end the mount), anything
 unexpected is logged with its traceback and becomes EIO.
+
+Fast paths: a request whose answer is at hand (a fresh rendering or listing, a reader's
+read, flush and release) is answered by a plain function, with no cancel scope and no
+await, which cost as much as the answer itself (a hot `cat` is open, two reads, a flush
+and a release).  It says `_SLOW` when it cannot, having changed nothing, and the handler
+runs as before.  The nodes say what is at hand (`size_now`, `open_now`, `read_now`, ...).
 """
 
 from __future__ import annotations
@@ -44,29 +50,41 @@ MAX_FUSE_TASKS = 1000
 MAX_STREAM_READERS = 500
 
 
-def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    name = fn.__name__
-    counters.REQUESTS.setdefault(name, 0)
+# What a fast path returns when the answer is not at hand: the handler itself runs then.
+_SLOW: Any = object()
 
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        counters.REQUESTS[name] += 1  # vfs/counters.py: the benchmark's request counts
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s(%s)", fn.__name__, ", ".join(map(_short_repr.repr, args[1:])))
-        operations: Operations = args[0]  # type: ignore[assignment]
-        try:
-            with operations.pending.request():  # unmounting ends it (vfs/pending.py)
-                return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError as e:
-            log.debug("%s -> errno %d", fn.__name__, e.errno)
-            raise
-        except OSError as e:
-            log.debug("%s -> %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
-            raise pyfuse3.FUSEError(errno.EIO) from None
-    return wrapper
+
+def _fuse_errors(now: Callable[..., Any] | None = None
+                 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """The handler, tried first as `now` (its fast path, see the module's docstring)."""
+    def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        name = fn.__name__
+        counters.REQUESTS.setdefault(name, 0)
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            counters.REQUESTS[name] += 1  # vfs/counters.py: the benchmark's request counts
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s(%s)", name, ", ".join(map(_short_repr.repr, args[1:])))
+            operations: Operations = args[0]  # type: ignore[assignment]
+            try:
+                if now is not None and not operations.pending.ending:
+                    result = now(*args, **kwargs)
+                    if result is not _SLOW:
+                        return result
+                with operations.pending.request():  # unmounting ends it (vfs/pending.py)
+                    return await fn(*args, **kwargs)
+            except pyfuse3.FUSEError as e:
+                log.debug("%s -> errno %d", name, e.errno)
+                raise
+            except OSError as e:
+                log.debug("%s -> %s", name, e)
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            except Exception:
+                log.exception("unexpected error in %s%r", name, args[1:])
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        return wrapper
+    return decorate
 
 
 _short_repr = reprlib.Repr()
@@ -139,6 +157,28 @@ class Operations(pyfuse3.Operations):
 
     async def attributes(self, node: Node, inode: int | None = None
                          ) -> pyfuse3.EntryAttributes:
+        size = node.size_now()
+        if size is None:
+            try:
+                size = await node.size()
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise
+                # The object is there but this file cannot be rendered (unsupported by
+                # the hypervisor, denied, timed out): list it anyway; reading it gives
+                # the error.
+                log.debug("size of %s: %s", node.path, e)
+                size = 0
+        return self._attributes(node, inode, size)
+
+    def _attributes_now(self, node: Node, inode: int | None = None
+                        ) -> pyfuse3.EntryAttributes | None:
+        """`attributes()` when the size is at hand, else None."""
+        size = node.size_now()
+        return None if size is None else self._attributes(node, inode, size)
+
+    def _attributes(self, node: Node, inode: int | None, size: int
+                    ) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = inode or node.id
         attrs.generation = 0
@@ -154,15 +194,6 @@ class Operations(pyfuse3.Operations):
         attrs.st_nlink = 1
         attrs.st_uid = self.ctx.uid
         attrs.st_gid = self.ctx.gid
-        try:
-            size = await node.size()
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                raise
-            # The object is there but this file cannot be rendered (unsupported by the
-            # hypervisor, denied, timed out): list it anyway; reading it gives the error.
-            log.debug("size of %s: %s", node.path, e)
-            size = 0
         attrs.st_size = size
         attrs.st_blksize = 4096
         attrs.st_blocks = (size + 511) // 512
@@ -188,7 +219,30 @@ class Operations(pyfuse3.Operations):
 
     # -- lookups and attributes --------------------------------------------------------
 
-    @_fuse_errors
+    def _lookup_now(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        parent = self._directory(parent_inode)
+        if name in (b".", b".."):
+            return _SLOW
+        known, node = parent.find_now(_name(name))
+        if not known:
+            return _SLOW
+        if node is None:
+            return self._missing_entry(parent, name)
+        if node.per_caller:
+            return _SLOW
+        attrs = self._attributes_now(node)
+        if attrs is None:
+            return _SLOW
+        self.inodes.remember(node)
+        return attrs
+
+    def _missing_entry(self, parent: Directory, name: bytes) -> pyfuse3.EntryAttributes:
+        if not parent.remembers_missing:
+            raise fs_error(errno.ENOENT, f"{parent.path}/{_name(name)} does not exist")
+        log.debug("lookup -> %s/%s is missing", parent.path, _name(name))
+        return self._missing()
+
+    @_fuse_errors(_lookup_now)
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         parent = self._directory(parent_inode)
         if name == b".":
@@ -198,10 +252,7 @@ class Operations(pyfuse3.Operations):
         else:
             found = await parent.find(_name(name))
             if found is None:
-                if not parent.remembers_missing:
-                    raise fs_error(errno.ENOENT, f"{parent.path}/{_name(name)} does not exist")
-                log.debug("lookup -> %s/%s is missing", parent.path, _name(name))
-                return self._missing()
+                return self._missing_entry(parent, name)
             node = found
             if node.per_caller and ctx is not None:
                 return await self._caller_entry(node, _program(ctx.pid))
@@ -218,7 +269,14 @@ class Operations(pyfuse3.Operations):
         for inode, count in inode_list:
             self.inodes.forget(inode, count)
 
-    @_fuse_errors
+    def _getattr_now(self, inode: int, ctx: Any = None) -> Any:
+        node = self.inodes.get(inode).resolve()
+        if node.uncached:
+            return _SLOW
+        attrs = self._attributes_now(_alive(node), inode)
+        return _SLOW if attrs is None else attrs
+
+    @_fuse_errors(_getattr_now)
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         node = self.inodes.get(inode).resolve()
         # A reader of a stream whose host went (rmdir) still fstats its open file: `tail -f`
@@ -242,7 +300,7 @@ class Operations(pyfuse3.Operations):
                 return self.handles.get(fh).stream_size()
         return None
 
-    @_fuse_errors
+    @_fuse_errors()
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: Any) -> Any:
         node = self._node(inode)
@@ -259,14 +317,14 @@ class Operations(pyfuse3.Operations):
         # metadata (sed -i, cp -p, Ansible) must not fail on a file whose mode we own.
         return await self.attributes(node, inode)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
         node = self._node(inode)
         if not isinstance(node, Symlink):
             raise fs_error(errno.EINVAL, f"{node.path} is not a symbolic link")
         return os.fsencode(node.target)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def statfs(self, ctx: Any = None) -> Any:
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
@@ -278,12 +336,12 @@ class Operations(pyfuse3.Operations):
 
     # -- folders -----------------------------------------------------------------------
 
-    @_fuse_errors
+    @_fuse_errors()
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         self._directory(inode)
         return inode
 
-    @_fuse_errors
+    @_fuse_errors()
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         directory = self._directory(fh)
         # `.` and `..` at offsets 1 and 2; the kernel makes no dentries of them, so they
@@ -307,11 +365,11 @@ class Operations(pyfuse3.Operations):
                 return
             self.inodes.remember(node)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def releasedir(self, fh: int) -> None:
         return None
 
-    @_fuse_errors
+    @_fuse_errors()
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         parent = self._directory(parent_inode)
         self._check_writable_mount(parent)
@@ -320,12 +378,12 @@ class Operations(pyfuse3.Operations):
         parent.last_error = ""
         return await self._entry(node)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         with calling(ctx.pid):  # who removes decides what rmdir may do (nodes/guard.py)
             await self._remove(parent_inode, name, directory=True)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         with calling(ctx.pid):
             await self._remove(parent_inode, name, directory=False)
@@ -344,7 +402,7 @@ class Operations(pyfuse3.Operations):
             removed.vanish()
             self.kernel_cache.entry_changed(parent, _name(name), removed)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         source = self._directory(parent_old)
@@ -370,17 +428,17 @@ class Operations(pyfuse3.Operations):
         if moving is not None:
             self.kernel_cache.entry_changed(source, _name(name_old), None)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         self._check_writable_mount()
         raise fs_error(errno.EPERM, "symbolic links cannot be made here")
 
-    @_fuse_errors
+    @_fuse_errors()
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         self._check_writable_mount()
         raise fs_error(errno.EPERM, "hard links cannot be made here")
 
-    @_fuse_errors
+    @_fuse_errors()
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> Any:
         parent = self._directory(parent_inode)
@@ -391,7 +449,18 @@ class Operations(pyfuse3.Operations):
 
     # -- files -------------------------------------------------------------------------
 
-    @_fuse_errors
+    def _open_now(self, inode: int, flags: int, ctx: Any) -> Any:
+        if opens_for_writing(flags):
+            return _SLOW
+        node = self._node(inode)
+        if not isinstance(node, File):
+            raise fs_error(errno.EISDIR, f"{node.path} is a folder")
+        handle = node.open_now(flags)
+        if handle is None or handle.reads_may_wait:
+            return _SLOW
+        return self._file_info(handle)
+
+    @_fuse_errors(_open_now)
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         node = self._node(inode)
         if not isinstance(node, File):
@@ -416,7 +485,7 @@ class Operations(pyfuse3.Operations):
     def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
         return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
         parent = self._directory(parent_inode)
@@ -428,7 +497,14 @@ class Operations(pyfuse3.Operations):
         attrs = await self._entry(node)
         return self._file_info(handle), attrs
 
-    @_fuse_errors
+    def _read_now(self, fh: int, off: int, size: int) -> Any:
+        handle = self.handles.find(fh)
+        if handle is None or fh in self._readers:
+            return _SLOW
+        data = handle.read_now(off, size)
+        return _SLOW if data is None else data
+
+    @_fuse_errors(_read_now)
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles.get(fh)
         reader = self._readers.get(fh)
@@ -438,7 +514,7 @@ class Operations(pyfuse3.Operations):
         # pyfuse3 tells no pid on read, so the program that opened the file is watched.
         return await unless_interrupted(reader[1:], lambda: handle.read(off, size))
 
-    @_fuse_errors
+    @_fuse_errors()
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles.get(fh)
         # A control word may wait long; a writer killed meanwhile must be let go.  Other
@@ -446,15 +522,31 @@ class Operations(pyfuse3.Operations):
         return await unless_killed(self._writers.get(fh, 0),
                                    lambda: handle.write(off, buf))
 
-    @_fuse_errors
+    def _flush_now(self, fh: int) -> Any:
+        """A reader's close() (and a writer's that wrote nothing since): nothing to do.
+        The kernel sends FLUSH at every close(): pyfuse3 3.5 cannot set FOPEN_NOFLUSH, and
+        a flush that says ENOSYS stops them for the whole mount, writers' errors too."""
+        handle = self.handles.find(fh)
+        return None if handle is not None and handle.flush_now() else _SLOW
+
+    @_fuse_errors(_flush_now)
     async def flush(self, fh: int) -> None:
         await self.handles.get(fh).flush()
 
-    @_fuse_errors
+    @_fuse_errors()
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.flush(fh)
 
-    @_fuse_errors
+    def _release_now(self, fh: int) -> Any:
+        handle = self.handles.find(fh)
+        if handle is not None and not handle.release_now():
+            return _SLOW
+        self._writers.pop(fh, None)
+        self._readers.pop(fh, None)
+        self.handles.pop(fh)
+        return None
+
+    @_fuse_errors(_release_now)
     async def release(self, fh: int) -> None:
         self._writers.pop(fh, None)
         self._readers.pop(fh, None)
@@ -464,7 +556,7 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes -----------------------------------------------------------
 
-    @_fuse_errors
+    @_fuse_errors()
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == b"user.counters":
             return counters.text()  # not listed: copies of the tree never carry it
@@ -476,11 +568,11 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
 
-    @_fuse_errors
+    @_fuse_errors()
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
         return [os.fsencode(name) for name in await self._node(inode).xattrs()]
 
-    @_fuse_errors
+    @_fuse_errors()
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
         node = self._node(inode)
         self._check_writable_mount(node)
@@ -489,7 +581,7 @@ class Operations(pyfuse3.Operations):
         with node.reporting(unless=(errno.ENOTSUP, errno.EOPNOTSUPP)):
             await node.set_xattr(_name(name), value)
 
-    @_fuse_errors
+    @_fuse_errors()
     async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
         self._check_writable_mount(self._node(inode))
         if _served_namespace(name, changing=True):
