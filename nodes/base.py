@@ -477,7 +477,9 @@ class Directory(Node):
 
     def children_now(self) -> dict[str, Node] | None:
         """What `children()` answers, when the listing is fresh (no scan); else None."""
-        if type(self).children is not Directory.children or not self.fresh():
+        cls = type(self)
+        if (cls.children is not Directory.children or cls.listed is not Directory.listed
+                or not self.fresh()):
             return None
         return self._visible()
 

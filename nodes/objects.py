@@ -327,6 +327,18 @@ class ObjectDirectory(Directory):
             node = self._scratch.get(name)
         return node
 
+    def find_now(self, name: str) -> tuple[bool, Node | None]:
+        # find() of a built folder of fixed files waits for nothing: do the same.
+        if (type(self).find is not ObjectDirectory.find or not self.fixed or self.key is None
+                or not self._built()):
+            return False, None
+        node = self._by_name.get(name)
+        if node is None and self._partial:
+            node = self._make(name)
+        if node is None and self._scratch:
+            node = self._scratch.get(name)
+        return True, node
+
     def _adopt(self, entries: list[Entry]) -> None:
         if self._partial:
             # What lookups made is no listing: completing it changes no name (no mtime).
@@ -497,6 +509,13 @@ class CollectionDirectory(Directory):
     async def find(self, name: str) -> Node | None:
         await self.listed()
         return self._by_name.get(name) or self._pending.get(name)
+
+    def find_now(self, name: str) -> tuple[bool, Node | None]:
+        cls = type(self)
+        if (cls.find is not CollectionDirectory.find or cls.listed is not Directory.listed
+                or not self.fresh()):
+            return False, None
+        return True, self._by_name.get(name) or self._pending.get(name)
 
     def permissions(self) -> int:
         return 0o555 if self.ctx.read_only else 0o755

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from conftest import Mounted, eventually, run, sh
+from test_bench import counters
 
 DEMO = "test:///default"
 
@@ -152,6 +153,29 @@ def test_odd_names_are_escaped_reversibly(big: Mounted) -> None:
     info = (domains / "%2E%2E" / "info").read_text()
     assert "name: ..\n" in info
     assert "name: per%cent\n" in (domains / "per%25cent" / "info").read_text()
+
+
+def test_missing_names_are_probed_without_a_listing_each(mount_factory, big_host_xml: Path,
+                                                        monkeypatch) -> None:
+    # Shells and editors probe names that do not exist (stat, PATH searches, swap files).
+    monkeypatch.setenv("LIBVIRTFS_COUNT_CALLS", "1")
+    mounted = mount_factory(f"big=test://{big_host_xml}", options="cache_timeout=30")
+    domains = mounted.host("big") / "domains"
+    probe = f"cd {domains} && stat " + " ".join(f"nosuch{i}" for i in range(1000))
+    assert len(os.listdir(domains)) == 1004
+    before = counters(mounted)
+    result = sh(probe, check=False)
+    assert result.returncode == 1 and result.stderr.count("No such file") == 1000
+    after = counters(mounted)
+    assert after["fuse.lookup"] - before["fuse.lookup"] == 1000
+    assert after["libvirt.total"] == before["libvirt.total"]  # answered from the listing
+
+    sh(probe, check=False)  # again: the kernel remembers them, nobody asks us
+    assert counters(mounted)["fuse.lookup"] == after["fuse.lookup"]
+
+    run("mkdir", domains / "nosuch7")  # a remembered miss made here is there at once
+    assert (domains / "nosuch7").is_dir()
+    assert "nosuch7" in os.listdir(domains)
 
 
 def test_many_lookups_do_not_grow_memory(big: Mounted) -> None:

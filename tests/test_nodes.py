@@ -209,6 +209,8 @@ async def test_what_is_at_hand_is_answered_at_once_and_only_that(testhost: Host)
     state = await alpha.lookup("state")
     assert isinstance(state, QueryFile)
     assert state.size_now() is None and state.open_now(os.O_RDONLY) is None  # not rendered
+    assert alpha.find_now("state") == (True, state)
+    assert alpha.find_now("nosuch") == (True, None)
 
     assert await state.size() == 8
     assert state.size_now() == 8
