@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from libvirtfs.nodes.handles import ContentHandle, DocumentHandle, Handle, opens_for_writing
-from libvirtfs.nodes.locks import LazyLock
+from libvirtfs.nodes.locks import LazyLock, held
 from libvirtfs.nodes.names import to_filename
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ class QueryFile(File):
         self._digest: int | None = None  # hash() of the last rendering
         self._fetched_at: float | None = None
         self._generation = 0
-        self._lock = LazyLock()
+        self._lock: LazyLock | None = None  # while rendering (locks.held)
 
     async def render(self) -> bytes | str:
         assert self._render is not None
@@ -360,7 +360,7 @@ class QueryFile(File):
     async def content(self) -> bytes:
         if self.fresh():
             return self._cached  # type: ignore[return-value]
-        async with self._lock:
+        async with held(self, "_lock"):  # one render at a time
             if self.fresh():
                 return self._cached  # type: ignore[return-value]
             generation, fetched_at = self._generation, self.ctx.now()
@@ -437,7 +437,7 @@ class Directory(Node):
         self._ever_scanned = False
         self._generation = 0
         self._scan_complete = True
-        self._scan_lock = LazyLock()
+        self._scan_lock: LazyLock | None = None  # while scanning (locks.held)
 
     def permissions(self) -> int:
         return 0o555
@@ -471,7 +471,7 @@ class Directory(Node):
     async def listed(self, *, refresh: bool = False) -> None:
         """Scan now if the listing is not fresh (or `refresh`), one scan at a time."""
         if refresh or not self.fresh():
-            async with self._scan_lock:
+            async with held(self, "_scan_lock"):
                 if refresh or not self.fresh():
                     await self._rescan()
 

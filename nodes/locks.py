@@ -5,11 +5,15 @@ renders, one scan at a time, an rmdir never racing a `start`).  trio.Lock carrie
 lot from birth, about 240 bytes; with eight of them per domain folder that was a sixth of a
 domain's memory, for locks that are almost never contended.  `LazyLock` keeps a flag, and
 makes a parking lot (a `trio.Semaphore`) only while somebody waits; it is dropped again
-when the last waiter got the lock.
+when the last waiter got the lock.  Where a node's lock is only its own business (a
+file's render, a folder's scan), `held()` makes the lock when needed and drops it after:
+an idle node holds none at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from types import TracebackType
 
 import trio
@@ -56,3 +60,19 @@ class LazyLock:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+@contextlib.asynccontextmanager
+async def held(owner: object, attribute: str) -> AsyncIterator[None]:
+    """Hold the LazyLock kept in `owner.attribute` (None: nobody holds or waits for it),
+    made now if need be, and dropped once nobody holds or waits for it any more."""
+    lock = getattr(owner, attribute)
+    if lock is None:
+        lock = LazyLock()
+        setattr(owner, attribute, lock)
+    try:
+        async with lock:
+            yield
+    finally:
+        if not lock.locked() and getattr(owner, attribute) is lock:
+            setattr(owner, attribute, None)

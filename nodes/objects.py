@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import functools
 import math
+import sys
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -298,6 +299,7 @@ class ObjectDirectory(Directory):
         make = self.served_files.get(name)
         if make is None:
             return None
+        name = sys.intern(name)  # a lookup's name is a new string each time: keep one
         node = make(self)
         node.parent, node.name = self, name
         self._by_key[self._served_key(name)] = node

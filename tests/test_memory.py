@@ -24,7 +24,7 @@ from libvirtfs.nodes.locks import LazyLock
 DOMAINS = 400
 # What a domain folder may cost, its renderings and the driver's share included: with the
 # files `cat */state */info */xml` reads made and rendered (about 10 KB before folders
-# made their files on demand, locks became lazy and nodes got __slots__; 2.8 KB after),
+# made their files on demand, locks became lazy and nodes got __slots__; 2.6 KB after),
 # and with all of its files made (`ls -l` of every domain folder; 6.3 KB).
 BYTES_PER_DOMAIN_READ = 3_500
 BYTES_PER_DOMAIN_LISTED = 7_500
@@ -295,3 +295,26 @@ async def test_mkdir_costs_the_same_however_many_folders_are_pending(tmp_path: P
     await host.connection.close()
     small, large = costs
     assert large < small * 1.2, costs
+
+
+async def test_readers_at_once_render_once_and_leave_no_lock() -> None:
+    renders = 0
+
+    async def render() -> bytes:
+        nonlocal renders
+        renders += 1
+        await trio.sleep(0.05)
+        return b"running\n"
+
+    file = QueryFile(Context(), render)
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(await file.content())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(read)
+    assert renders == 1
+    assert got == [b"running\n"] * 5
+    assert file._lock is None  # an idle file holds no lock
