@@ -87,6 +87,7 @@ class Connection:
         self._on_open: list[tuple[OnOpen, OnClose | None]] = []
         self._on_late: list[Callable[[str], None]] = []
         self._on_lost: list[Callable[[str], None]] = []
+        self._on_change: list[Callable[[], None]] = []
         self.faults = faults.from_environment()
         self.counting = counting.enabled()
         self._state_lock = threading.Lock()
@@ -150,6 +151,19 @@ class Connection:
         """Run `callback(description)` (in the worker thread) when an abandoned call returns:
         what it did has not been reported to anyone."""
         self._on_late.append(callback)
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Run `callback()` (on the trio loop) when a call that may change something
+        (`changes=True`, and every long call) has ended, however it ended: what was
+        read before it may be out of date now (drivers/tables.py)."""
+        self._on_change.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._on_change:
+            try:
+                callback()
+            except Exception:
+                log.exception("reporting a change")
 
     # -- in worker threads -------------------------------------------------------------
 
@@ -462,6 +476,8 @@ class Connection:
             raise
         finally:
             self._in_flight.discard(scope)
+            if changes:
+                self._changed()
         # Out of time, or the host was found hung while this call waited.
         if self._abandon(call) and self._hung_since is None:
             self._start_probe()
@@ -493,8 +509,11 @@ class Connection:
                     self._long.discard(call)
 
         self._token = trio.lowlevel.current_trio_token()
-        return await trio.to_thread.run_sync(in_thread, limiter=self._long_threads,
-                                             abandon_on_cancel=True)
+        try:
+            return await trio.to_thread.run_sync(in_thread, limiter=self._long_threads,
+                                                 abandon_on_cancel=True)
+        finally:
+            self._changed()
 
     def _refuse_if_hung(self) -> None:
         """While a liveness probe goes unanswered, calls fail at once."""

@@ -129,14 +129,16 @@ class Definitions:
     def _host(self, conn: libvirt.virConnect) -> tuple[str, statedir.RecordStore]:
         """The host's identity for records kept outside libvirt, and where they are kept."""
         known = self._host_of
-        if known is None or known[0] != id(conn):  # the first call, or a new connection
+        # By libvirt's own object: wrappers (drivers/counting.py, faults.py) are new per call.
+        ident = id(getattr(conn, "_o", conn))
+        if known is None or known[0] != ident:  # the first call, or a new connection
             caps = xmldocs.from_libvirt(conn.getCapabilities())
             host_id = caps.findtext("host/uuid") or conn.getURI()
             # The test driver's objects live in this process (test:///default is one host
             # for all its connections here), and another mount of test:///default is another
             # host with the same UUIDs: its records live in this process too.
             store = statedir.IN_PROCESS if conn.getType().lower() == "test" else self.state
-            known = self._host_of = (id(conn), host_id, store)
+            known = self._host_of = (ident, host_id, store)
         return known[1], known[2]
 
     def _record(self, conn: libvirt.virConnect, kind: Kind, key: Key,

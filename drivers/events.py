@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import libvirt
 import trio
@@ -65,19 +66,31 @@ class Change:
 Publish = Callable[[str, str, str, str, float], None]
 
 
+class Watcher(Protocol):
+    """What keeps tables true by events (drivers/tables.py HostTables)."""
+
+    def changed(self, change: Change) -> None: ...
+    def watching(self, kinds: frozenset[str]) -> None: ...
+
+
 class EventForwarder:
     """Registers libvirt event callbacks on a connection and forwards them as `Change`s to a
-    trio-side callback, and as event lines to `publish` (words: drivers/eventwords.py)."""
+    trio-side callback, and as event lines to `publish` (words: drivers/eventwords.py).
+    `tables` hears of each change at once, on libvirt's thread (before the tree does), and
+    which kinds have their lifecycle events registered."""
 
     def __init__(self, token: trio.lowlevel.TrioToken, deliver: Callable[[Change], None],
-                 publish: Publish | None = None) -> None:
+                 publish: Publish | None = None, tables: Watcher | None = None) -> None:
         self._token = token
         self._deliver = deliver
         self._publish = publish
+        self._tables = tables
         # Per connection: how to undo each registration made on it.
         self._registered: dict[libvirt.virConnect, list[tuple[Callable[[int], None], int]]] = {}
 
     def _send(self, change: Change) -> None:
+        if self._tables is not None:
+            self._tables.changed(change)
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._deliver, change)
 
@@ -114,11 +127,19 @@ class EventForwarder:
             registrations.append((pool, libvirt.VIR_STORAGE_POOL_EVENT_ID_REFRESH,
                                   self._pool_plain))
         made = self._registered.setdefault(conn, [])
-        for (register, deregister), event_id, callback in registrations:
+        kept: set[str] = set()
+        lifecycle = {id(domain): "domain", id(network): "network", id(pool): "pool"}
+        for methods, event_id, callback in registrations:
+            register, deregister = methods
             try:
                 made.append((deregister, register(None, event_id, callback, None)))
             except libvirt.libvirtError as e:
                 log.info("events not available (%s)", e.get_error_message())
+                continue
+            if callback in (self._domain, self._network, self._pool):
+                kept.add(lifecycle[id(methods)])
+        if self._tables is not None:
+            self._tables.watching(frozenset(kept))
 
     def deregister(self, conn: libvirt.virConnect) -> None:
         """Called before `conn` is closed: a callback still registered keeps the

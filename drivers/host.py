@@ -33,6 +33,7 @@ from libvirtfs.drivers.states import (
     version_string,
     volume_type_word,
 )
+from libvirtfs.drivers.tables import HostTables
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,11 @@ class Host(SnapshotCalls):
     max_document_bytes = xmldocs.MAX_DOCUMENT_BYTES
 
     def __init__(self, connection: Connection, state_dir: Path | None = None, *,
-                 job_stall: float = DEFAULT_STALL_SECONDS) -> None:
+                 job_stall: float = DEFAULT_STALL_SECONDS, cache_timeout: float = 1.0) -> None:
         self.connection = connection
         self.definitions = Definitions(statedir.StateDir(state_dir or statedir.default_state_dir()))
+        # Every domain, pool and network with its state, from batched calls (tables.py).
+        self.tables = HostTables(connection, cache_timeout, listed=self._prune)
         self.jobs = Jobs(connection, stall_seconds=job_stall)
         self._arriving: list[str] = []  # migrations of other hosts into this one, running
 
@@ -91,7 +94,7 @@ class Host(SnapshotCalls):
 
     async def open(self) -> None:
         """Connect now, so that a bad URI or an unreachable host fails at mount time."""
-        await self.connection.call(lambda conn: None)
+        await self.connection.call(lambda conn: None, changes=False)
 
     # -- host --------------------------------------------------------------------------
 
@@ -99,13 +102,13 @@ class Host(SnapshotCalls):
         return self.connection.status()
 
     async def uri(self) -> str:
-        return await self.connection.call(lambda conn: conn.getURI())
+        return await self.connection.call(lambda conn: conn.getURI(), changes=False)
 
     async def hostname(self) -> str:
-        return await self.connection.call(lambda conn: conn.getHostname())
+        return await self.connection.call(lambda conn: conn.getHostname(), changes=False)
 
     async def driver_type(self) -> str:
-        return await self.connection.call(lambda conn: conn.getType())
+        return await self.connection.call(lambda conn: conn.getType(), changes=False)
 
     async def info(self) -> Info:
         def fetch(conn: libvirt.virConnect) -> Info:
@@ -132,21 +135,29 @@ class Host(SnapshotCalls):
                 "threads": threads,
                 "memory": memory_kib,
             }
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     async def capabilities(self) -> str:
-        return await self.connection.call(lambda conn: conn.getCapabilities())
+        return await self.connection.call(lambda conn: conn.getCapabilities(), changes=False)
 
     # -- domains -----------------------------------------------------------------------
 
+    def listing_version(self, kind: str) -> int | None:
+        """Moves whenever the listing of `kind` may have changed; None while no event
+        keeps it true (nodes/objects.py CollectionDirectory lists again by time then)."""
+        return self.tables.listing_version(kind)
+
     async def list_domains(self) -> list[tuple[str, str]]:
         """(uuid, name) of every domain, active or defined: one libvirt call."""
+        if self.tables.enabled:
+            return [(row.uuid, row.name) for row in (await self.tables.domain.rows()).values()]
+
         def fetch(conn: libvirt.virConnect) -> list[tuple[str, str]]:
             since = time.time()
             domains = [(d.UUIDString(), d.name()) for d in conn.listAllDomains(0)]
             self._prune(conn, "domain", [uuid for uuid, _ in domains], since)
             return domains
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     def _prune(self, conn: libvirt.virConnect, kind: str, present: list[str], since: float,
                scope: str = "") -> None:
@@ -157,13 +168,32 @@ class Host(SnapshotCalls):
         except (OSError, libvirt.libvirtError) as e:
             log.debug("pruning %s records: %s", kind, e)
 
-    async def domain_state(self, uuid: str) -> tuple[str, str]:
+    async def domain_state(self, uuid: str, *, fresh: bool = False) -> tuple[str, str]:
+        """(state, reason) words; `fresh`: asked of libvirt now, not of the table (what a
+        control word checks before it is carried out)."""
+        if self.tables.enabled and not fresh:
+            row = (await self.tables.domain.rows()).get(uuid)
+            if row is not None:
+                return domain_state_word(row.state), domain_reason_word(row.state, row.reason)
+
         def fetch(conn: libvirt.virConnect) -> tuple[str, str]:
             state, reason = _domain(conn, uuid).state(0)
             return domain_state_word(state), domain_reason_word(state, reason)
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     async def domain_info(self, uuid: str) -> Info:
+        if self.tables.enabled:
+            row = (await self.tables.domain.rows(full=True)).get(uuid)
+            if row is not None and row.info is not None:
+                return {
+                    "name": row.name,
+                    "uuid": row.uuid,
+                    "id": row.id if row.id >= 0 else "-",
+                    "state": domain_state_word(row.state),
+                    "reason": domain_reason_word(row.state, row.reason),
+                    **row.info,
+                }
+
         def fetch(conn: libvirt.virConnect) -> Info:
             dom = _domain(conn, uuid)
             state, reason = dom.state(0)
@@ -187,24 +217,31 @@ class Host(SnapshotCalls):
                 "autostart": bool(dom.autostart()),
                 "managed-save": managed_save,
             }
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     async def domain_live_xml(self, uuid: str) -> str:
         """What libvirt reports now, without libvirtfs's own metadata."""
         return await self.connection.call(
-            lambda conn: records.strip(_domain(conn, uuid).XMLDesc(0))[0])
+            lambda conn: records.strip(_domain(conn, uuid).XMLDesc(0))[0], changes=False)
 
     async def list_pools(self) -> list[tuple[str, str]]:
+        if self.tables.enabled:
+            return [(row.uuid, row.name) for row in (await self.tables.pool.rows()).values()]
+
         def fetch(conn: libvirt.virConnect) -> list[tuple[str, str]]:
             since = time.time()
             pools = [(p.UUIDString(), p.name()) for p in conn.listAllStoragePools(0)]
             self._prune(conn, "pool", [uuid for uuid, _ in pools], since)
             return pools
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     async def pool_state(self, uuid: str) -> str:
+        if self.tables.enabled:
+            row = (await self.tables.pool.rows()).get(uuid)
+            if row is not None:
+                return pool_state_word(row.state)
         return await self.connection.call(
-            lambda conn: pool_state_word(_pool(conn, uuid).info()[0]))
+            lambda conn: pool_state_word(_pool(conn, uuid).info()[0]), changes=False)
 
     async def pool_info(self, uuid: str) -> Info:
         def fetch(conn: libvirt.virConnect) -> Info:
@@ -220,7 +257,7 @@ class Host(SnapshotCalls):
                 "persistent": bool(pool.isPersistent()),
                 "autostart": bool(pool.autostart()),
             }
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     async def list_volumes(self, pool_uuid: str) -> list[str]:
         def fetch(conn: libvirt.virConnect) -> list[str]:
@@ -231,11 +268,12 @@ class Host(SnapshotCalls):
             names = [v.name() for v in pool.listAllVolumes(0)]
             self._prune(conn, "volume", names, since, scope=pool_uuid)
             return names
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     async def volume_path(self, pool_uuid: str, name: str) -> str:
         return await self.connection.call(
-            lambda conn: _pool(conn, pool_uuid).storageVolLookupByName(name).path())
+            lambda conn: _pool(conn, pool_uuid).storageVolLookupByName(name).path(),
+            changes=False)
 
     async def volume_info(self, pool_uuid: str, name: str) -> Info:
         def fetch(conn: libvirt.virConnect) -> Info:
@@ -249,21 +287,29 @@ class Host(SnapshotCalls):
                 "capacity": capacity,
                 "allocation": allocation,
             }
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     # -- networks ----------------------------------------------------------------------
 
     async def list_networks(self) -> list[tuple[str, str]]:
+        if self.tables.enabled:
+            return [(row.uuid, row.name) for row in (await self.tables.network.rows()).values()]
+
         def fetch(conn: libvirt.virConnect) -> list[tuple[str, str]]:
             since = time.time()
             networks = [(n.UUIDString(), n.name()) for n in conn.listAllNetworks(0)]
             self._prune(conn, "network", [uuid for uuid, _ in networks], since)
             return networks
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     async def network_state(self, uuid: str) -> str:
+        if self.tables.enabled:
+            row = (await self.tables.network.rows()).get(uuid)
+            if row is not None:
+                return "active" if row.state else "inactive"
         return await self.connection.call(
-            lambda conn: "active" if _network(conn, uuid).isActive() else "inactive")
+            lambda conn: "active" if _network(conn, uuid).isActive() else "inactive",
+            changes=False)
 
     async def network_info(self, uuid: str) -> Info:
         def fetch(conn: libvirt.virConnect) -> Info:
@@ -280,13 +326,13 @@ class Host(SnapshotCalls):
                 "persistent": bool(net.isPersistent()),
                 "autostart": bool(net.autostart()),
             }
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     # -- definitions and actions (any kind: domain, network, pool, volume) -------------
 
     async def definition(self, kind: str, key: Key) -> bytes:
         """What `xml` shows: the bytes last written, or libvirt's persistent definition."""
-        return await self.connection.call(self.definitions.show, kind, key)
+        return await self.connection.call(self.definitions.show, kind, key, changes=False)
 
     async def define(self, kind: str, key: Key | None, name: str | None, data: bytes, *,
                      parent: Key | None = None) -> Key:
@@ -306,7 +352,7 @@ class Host(SnapshotCalls):
 
     async def autostart(self, kind: str, key: Key) -> bool:
         return await self.connection.call(
-            lambda conn: bool(KINDS[kind].lookup(conn, key).autostart()))
+            lambda conn: bool(KINDS[kind].lookup(conn, key).autostart()), changes=False)
 
     async def set_autostart(self, kind: str, key: Key, value: bool) -> None:
         def apply(conn: libvirt.virConnect) -> None:
@@ -362,6 +408,7 @@ class Host(SnapshotCalls):
         finally:
             if dest_host is not None:
                 dest_host._arriving.remove(what)
+                dest_host.tables.mark_all()  # the domain is there now (or half-way)
             if opened is not None:
                 with trio.CancelScope(shield=True):  # bounded; a job still using it closes it
                     await opened.close()

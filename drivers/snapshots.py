@@ -193,10 +193,11 @@ class SnapshotCalls:
             summaries = [_summary(snap) for snap in snaps]
             current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
             return SnapshotListing(summaries, current)
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     async def snapshot_xml(self, uuid: str, name: str) -> str:
-        return await self.connection.call(lambda conn: _snapshot(conn, uuid, name).getXMLDesc(0))
+        return await self.connection.call(lambda conn: _snapshot(conn, uuid, name).getXMLDesc(0),
+                                          changes=False)
 
     async def snapshot_info(self, uuid: str, name: str) -> Info:
         def fetch(conn: libvirt.virConnect) -> Info:
@@ -217,7 +218,7 @@ class SnapshotCalls:
             for disk in doc.findall("disks/disk"):
                 info[f"disk-{disk.get('name')}"] = _location(disk)
             return info
-        return await self.connection.call(fetch)
+        return await self.connection.call(fetch, changes=False)
 
     # -- changing ----------------------------------------------------------------------
 
@@ -238,7 +239,7 @@ class SnapshotCalls:
         # With memory (a running domain, not disk-only) a snapshot writes all of the
         # guest's memory: a job (drivers/jobs.py), watched in `job`, abortable.
         memory = "disk-only" not in flags and await self.connection.call(
-            lambda conn: bool(conn.lookupByUUIDString(uuid).isActive()))
+            lambda conn: bool(conn.lookupByUUIDString(uuid).isActive()), changes=False)
         if memory:
             await self.run_job(uuid, f"snapshot {name}", create)
         else:
@@ -266,7 +267,7 @@ class SnapshotCalls:
 
         # Deleting an external snapshot merges its files back: a job.
         external = "metadata-only" not in flags and await self.connection.call(
-            lambda conn: _is_external(_snapshot(conn, uuid, name)))
+            lambda conn: _is_external(_snapshot(conn, uuid, name)), changes=False)
         if external:
             await self.run_job(uuid, f"snapshot-delete {name}", delete)
         else:

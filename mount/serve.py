@@ -58,7 +58,7 @@ async def open_host(spec: HostSpec, options: MountOptions) -> Host:
     timeout, read_only = host_settings(spec, options)
     connection = Connection(spec.uri, timeout=timeout, read_only=read_only,
                             keepalive=spec.keepalive)
-    host = Host(connection, job_stall=options.job_stall)
+    host = Host(connection, job_stall=options.job_stall, cache_timeout=options.cache_timeout)
     try:
         await host.open()
     except BaseException:
@@ -161,7 +161,8 @@ class Mount:
         host = directory.host
         assert host is not None and self._nursery is not None
         forwarder = EventForwarder(trio.lowlevel.current_trio_token(),
-                                   self._deliver_to(directory), directory.events.publish)
+                                   self._deliver_to(directory), directory.events.publish,
+                                   tables=getattr(host, "tables", None))
         host.connection.on_open(forwarder.register, forwarder.deregister)
         host.connection.on_late(forwarder.late)
         host.connection.on_lost(forwarder.lost)

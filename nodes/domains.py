@@ -299,7 +299,8 @@ class DomainDirectory(ObjectDirectory):
     async def check_word(self, word: str) -> None:
         # Checked here so that every hypervisor refuses alike (the test driver calls a
         # wrong state an internal error).
-        state = await self.state()
+        # The state of now, not of the host's table: an event may be on its way.
+        state = (await self.host.domain_state(self.key, fresh=True))[0]  # type: ignore[arg-type]
         valid = DOMAIN_WORDS_BY_STATE.get(state, [])
         if word not in valid:
             raise fs_error(errno.EBUSY, f"{word} is not possible while the domain is "

@@ -489,6 +489,16 @@ class CollectionDirectory(Directory):
         self._pending_changes = 0  # counts changes of _pending, for _shown
         # The merged listing, and the listing and pending version it was made of.
         self._shown: tuple[dict[str, Node], int, int, dict[str, Node]] | None = None
+        self._listed_version: int | None = None  # the host's listing_version at the scan
+
+    def fresh(self) -> bool:
+        """While libvirt's events keep the host's listing true, the listing is fresh until
+        it changes (no listing again every `cache_timeout` in a long pass, and a missing
+        name costs nothing); otherwise for `cache_timeout`."""
+        version = self.host.listing_version(self.kind)
+        if version is None:
+            return super().fresh()
+        return self._scanned_at is not None and self._listed_version == version
 
     def _pending_changed(self) -> None:
         self._pending_changes += 1
@@ -530,6 +540,7 @@ class CollectionDirectory(Directory):
         raise NotImplementedError
 
     async def scan(self) -> list[Entry]:
+        self._listed_version = self.host.listing_version(self.kind)
         listing = await self.listing()
         # A folder made here whose definition libvirt has taken but not yet answered for
         # is that object: it keeps its node, and no second one appears meanwhile.
