@@ -153,9 +153,10 @@ class Connection:
         self._on_late.append(callback)
 
     def on_change(self, callback: Callable[[], None]) -> None:
-        """Run `callback()` (on the trio loop) when a call that may change something
-        (`changes=True`, and every long call) has ended, however it ended: what was
-        read before it may be out of date now (drivers/tables.py)."""
+        """Run `callback()` when a call that may change something (`changes=True`, every
+        long call, and a block holding the connection through `using`) has ended, however
+        it ended: what was read before it may be out of date now (drivers/tables.py).
+        It runs on the trio loop, or in the worker thread of a `using` block."""
         self._on_change.append(callback)
 
     def _changed(self) -> None:
@@ -167,10 +168,16 @@ class Connection:
 
     # -- in worker threads -------------------------------------------------------------
 
-    def using(self) -> contextlib.AbstractContextManager[libvirt.virConnect]:
+    @contextlib.contextmanager
+    def using(self) -> Iterator[libvirt.virConnect]:
         """The open connection, held for a block in a worker thread: a call that needs two
-        hosts' connections (a migration) holds the second one this way."""
-        return self._using()
+        hosts' connections (a migration) holds the second one this way.  What it does
+        there is a change on this host too."""
+        try:
+            with self._using() as conn:
+                yield conn
+        finally:
+            self._changed()
 
     @contextlib.contextmanager
     def _using(self) -> Iterator[libvirt.virConnect]:
@@ -426,8 +433,8 @@ class Connection:
                    changes: bool = True) -> T:
         """`fn(conn, *args)` in a worker thread; DriverError on failure or timeout.  `what`
         names the call in the log should it finish after its timeout.  `changes=False`
-        says it only reads (a job's poll): finishing late, it changed nothing to read
-        afresh."""
+        says it only reads (a job's poll, a listing): finishing late, it changed nothing
+        to read afresh, and what the host's tables hold stays true (`on_change`)."""
         self._refuse_if_hung()
         if self._abandoned >= MAX_ABANDONED:
             raise DriverError(errno.ETIMEDOUT, f"{self._abandoned} libvirt calls to "
