@@ -147,6 +147,13 @@ class Host(SnapshotCalls):
         keeps it true (nodes/objects.py CollectionDirectory lists again by time then)."""
         return self.tables.listing_version(kind)
 
+    def stale(self, kind: str) -> None:
+        """The next listing of `kind` (and its states) asks libvirt, whatever the table
+        holds: the tree was told that it may be out of date."""
+        table = self.tables.table(kind)
+        if table is not None:
+            table.mark()
+
     async def list_domains(self) -> list[tuple[str, str]]:
         """(uuid, name) of every domain, active or defined: one libvirt call."""
         if self.tables.enabled:

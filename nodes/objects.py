@@ -529,6 +529,15 @@ class CollectionDirectory(Directory):
             return False, None
         return True, self._by_name.get(name) or self._pending.get(name)
 
+    def invalidate(self) -> None:
+        super().invalidate()
+        self.host.stale(self.kind)  # what the host keeps is asked again too
+
+    async def _rescan(self) -> None:
+        if self.fresh():  # listed again although fresh (refresh): libvirt's listing of now,
+            self.host.stale(self.kind)  # not the host's table (an event may be on its way)
+        await super()._rescan()
+
     def permissions(self) -> int:
         return 0o555 if self.ctx.read_only else 0o755
 
