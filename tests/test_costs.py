@@ -193,7 +193,10 @@ def test_qemu_changes_by_virsh_show_within_a_second(counted, qemu_uri: str, tmp_
     name = guests[0]
 
     def shows(path: Path, text: str) -> None:
-        assert path.read_text() == text
+        try:
+            assert path.read_text() == text
+        except FileNotFoundError:
+            raise AssertionError(f"{path} is not there yet") from None
 
     a_pass(host, "state")
     virsh = ["virsh", "-c", qemu_uri]
