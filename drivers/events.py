@@ -50,6 +50,14 @@ def _run_forever() -> None:
             log.exception("libvirt event loop")
 
 
+# Lifecycle events after which every domain is still there under its name (a started or
+# stopped domain may be transient, one defined or undefined comes or goes): no need to
+# list the domains again for them.
+_SAME_LISTING = frozenset(getattr(libvirt, name) for name in (
+    "VIR_DOMAIN_EVENT_SUSPENDED", "VIR_DOMAIN_EVENT_RESUMED", "VIR_DOMAIN_EVENT_SHUTDOWN",
+    "VIR_DOMAIN_EVENT_PMSUSPENDED", "VIR_DOMAIN_EVENT_CRASHED") if hasattr(libvirt, name))
+
+
 @dataclass(frozen=True)
 class Change:
     """Something changed on a host: `kind` is domain, snapshot, pool, volume or network
@@ -162,7 +170,8 @@ class EventForwarder:
     # libvirt hands over: asking it costs no call to the daemon.
 
     def _domain(self, conn, dom, event, detail, opaque) -> None:
-        self._send(Change("domain", dom.UUIDString(), f"{event}:{detail}"))
+        self._send(Change("domain", dom.UUIDString(), f"{event}:{detail}",
+                          listing=event not in _SAME_LISTING))
         self._line("domain", dom.name(), *eventwords.domain_lifecycle(event, detail))
 
     def _domain_plain(self, conn, dom, opaque) -> None:
