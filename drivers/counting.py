@@ -55,6 +55,12 @@ def _wrap(value: Any) -> Any:
     return value
 
 
+def unwrap(value: Any) -> Any:
+    """The libvirt object behind a counting wrapper (or `value` itself).  Wrappers are made
+    anew for every call: what is kept per connection must be kept by the real one."""
+    return value._target if isinstance(value, Counted) else value
+
+
 class Counted:
     """A libvirt object (connection, domain, pool, ...) whose method calls are counted.
     libvirt-python passes objects to the C binding by their `_o`, which this forwards,

@@ -19,7 +19,7 @@ from typing import Protocol
 import libvirt
 import trio
 
-from libvirtfs.drivers import eventwords
+from libvirtfs.drivers import counting, eventwords
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class EventForwarder:
         """Called in a worker thread each time the connection opens.  Events missed while
         the connection was down are lost, so a (re)open also says: everything may have
         changed."""
+        conn = counting.unwrap(conn)  # deregister() is handed the connection itself
         if conn in self._registered:
             return  # on_open and the first call may both hand over the same connection
         self._send(Change("host", detail="connected"))

@@ -509,3 +509,27 @@ def test_another_connection_s_changes_show_within_a_second(tmp_path: Path, monke
             conn.lookupByName(name).undefine()
         conn.close()
         mount.stop()
+
+
+def test_each_event_comes_once_after_a_reconnect_of_a_counted_mount(
+        tmp_path: Path, mount_factory, readers, monkeypatch) -> None:
+    """With LIBVIRTFS_COUNT_CALLS (the benchmark's mounts) every call sees the connection
+    through a counting wrapper: the connection a lost one is closed by must still undo the
+    registrations made through it, or each event comes twice after a reconnect."""
+    rules = tmp_path / "faults"
+    rules.write_text("")
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    monkeypatch.setenv("LIBVIRTFS_COUNT_CALLS", "1")
+    mounted = mount_factory("test:///default")
+    control = mounted.host() / "domains/test/control"
+    reader = readers("cat", mounted.host() / "events")
+    rules.write_text("test:///default drop\n")
+    run("cat", mounted.host() / "domains/test/state", check=False)
+    rules.write_text("")
+    seen(reader, ("host", "test", "connected", "-"), timeout=10)
+    write_file(control, "suspend\n")
+    write_file(control, "resume\n")
+    seen(reader, ("domain", "test", "suspended"), ("domain", "test", "resumed"))
+    time.sleep(0.5)  # a second copy of an event would be there by now
+    got = [event for event in reader.events() if event[0] == "domain"]
+    assert [event[2] for event in got] == ["suspended", "resumed"], got
