@@ -16,7 +16,9 @@ answered from without a hop while it holds:
 
 A fetch that a change overtook (the generation moved while it ran) is handed to its
 caller but not kept, as nodes/base.py does for renderings.  Concurrent readers wait for
-one fetch (one lock per table).  With `cache_timeout` 0 there are no tables: every read
+one fetch (one lock per table), and those that asked before it began take its rows, kept
+or not: with events landing during most fetches, each reader fetching in turn made a
+pass O(N) fetches.  With `cache_timeout` 0 there are no tables: every read
 asks libvirt about its one object.
 """
 
@@ -86,6 +88,11 @@ class Table(Generic[Row]):
         self._refreshed_at: float | None = None  # the refreshed part (full fetch)
         self._evented = False
         self._lock = trio.Lock()
+        # Fetches begun, and (number, full, rows) of the last one to end: a reader that
+        # waited for the lock takes a fetch begun after it asked, kept or not, rather than
+        # fetching again (on a busy host an event lands during most fetches).
+        self._begun = 0
+        self._last: tuple[int, bool, dict[str, Row]] | None = None
 
     # -- marks, from any thread --------------------------------------------------------
 
@@ -124,12 +131,19 @@ class Table(Generic[Row]):
         """uuid -> row; `full`: with the refreshed part.  No thread hop while fresh."""
         if self._fresh(full):
             return self._rows
+        asked = self._begun
         async with self._lock:
             if self._fresh(full):
                 return self._rows
+            last = self._last
+            if last is not None and last[0] > asked and (last[1] or not full):
+                return last[2]  # as new as a fetch of this reader's own would be
+            self._begun += 1
+            number = self._begun
             generation, started = self._generation, time.monotonic()
             rows = await self.connection.call(self._fetch, full, changes=False,
                                               what=f"listing of {self.kind}s")
+            self._last = (number, full, rows)
             with self._mutex:
                 if generation == self._generation:  # else a change landed meanwhile
                     self._rows = rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import libvirt
 import pytest
+import trio
 from conftest import eventually, expect_errno, run, sh
 from inprocess import InProcessMount, allow_in_a_thread
 
 from libvirtfs.drivers import counting
+from libvirtfs.drivers.connection import Connection
+from libvirtfs.drivers.host import Host
 
 DOMAIN = ("<domain type='test'><name>{}</name><memory>65536</memory><vcpu>1</vcpu>"
           "<os><type>hvm</type></os></domain>")
@@ -140,6 +144,47 @@ def test_changes_through_the_mount_read_back_at_once(counted, tmp_path: Path) ->
         assert f"state: {state}\n" in (vm / "info").read_text()
     sh(f"echo 1 > {vm}/autostart")
     assert "autostart: yes\n" in (vm / "info").read_text()
+
+
+async def test_readers_waiting_for_a_fetch_share_the_next_one(tmp_path: Path) -> None:
+    """On a busy host an event lands during most fetches, so a fetch is handed to its reader
+    but not kept.  The readers that waited meanwhile take one fetch begun after they
+    asked, not one each in turn (which made a pass O(N) fetches of N domains), and never
+    the one that was running when they asked (it may predate what they know)."""
+    host = Host(Connection(f"test://{host_xml(tmp_path / 'h.xml', 20)}", timeout=30),
+                state_dir=tmp_path / "state", cache_timeout=60)
+    await host.open()
+    table = host.tables.domain
+    table.watched(True)  # kept by events, as on a mount
+    fetch, fetches = table._fetch, []
+    inside, go_on = threading.Event(), threading.Event()
+
+    def busy_host(conn, full):
+        fetches.append(full)
+        inside.set()
+        go_on.wait(30)
+        rows = fetch(conn, full)
+        table.mark()  # an event came meanwhile: what was fetched is not kept
+        return rows
+
+    table._fetch = busy_host
+    got = []
+
+    async def read() -> None:
+        got.append(len(await table.rows()))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.to_thread.run_sync(inside.wait, 30)  # the first fetch is running
+            for _ in range(7):
+                nursery.start_soon(read)
+            await trio.sleep(0.1)  # all seven wait for the table
+            go_on.set()
+    finally:
+        await host.connection.close()
+    assert got == [20] * 8
+    assert len(fetches) == 2, fetches
 
 
 # -- changes made by virsh in another process, on the real libvirtd ---------------------
