@@ -143,7 +143,9 @@ class Table(Generic[Row]):
             generation, started = self._generation, time.monotonic()
             rows = await self.connection.call(self._fetch, full, changes=False,
                                               what=f"listing of {self.kind}s")
-            self._last = (number, full, rows)
+            # Only a reader waiting now can have asked before it began: kept for them alone,
+            # not as a second copy of the table for ever.
+            self._last = (number, full, rows) if self._lock.statistics().tasks_waiting else None
             with self._mutex:
                 if generation == self._generation:  # else a change landed meanwhile
                     self._rows = rows
