@@ -113,8 +113,10 @@ class Context:
         renderings.append((when, file))
         expired = self.now() - self.cache_timeout
         while renderings and renderings[0][0] <= expired:
-            when, old = renderings.popleft()
-            old.expire(when)
+            if renderings[0][1] is file and renderings[0][0] == when:
+                break  # expired as it arrived (a slow host): its waiters take it first
+            old_when, old = renderings.popleft()
+            old.expire(old_when)
 
 
 class Node:
@@ -360,8 +362,14 @@ class QueryFile(File):
     async def content(self) -> bytes:
         if self.fresh():
             return self._cached  # type: ignore[return-value]
+        asked = self.ctx.now()
         async with held(self, "_lock"):  # one render at a time
-            if self.fresh():
+            # A rendering begun after this caller asked answers it too, even if it took
+            # longer than cache_timeout (a slow host): readers that came while one was
+            # asking share the next answer instead of asking again, each in turn.
+            fetched_at = self._fetched_at
+            if self.fresh() or (fetched_at is not None and fetched_at > asked
+                                and self._cached is not None):
                 return self._cached  # type: ignore[return-value]
             generation, fetched_at = self._generation, self.ctx.now()
             try:
