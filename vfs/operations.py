@@ -391,11 +391,13 @@ class Operations(pyfuse3.Operations):
     async def _remove(self, parent_inode: int, name: bytes, *, directory: bool) -> None:
         parent = self._directory(parent_inode)
         self._check_writable_mount(parent)
-        removed = (await parent.children()).get(_name(name)) if directory else None
+        # find, not children(): rm of thousands of pending folders must not merge them
+        # all into a listing at every rmdir.
+        removed = await parent.find(_name(name)) if directory else None
         with parent.reporting():
             await parent.remove(_name(name), directory=directory)
         parent.last_error = ""
-        if removed is not None and (await parent.children()).get(_name(name)) is not removed:
+        if removed is not None and await parent.find(_name(name)) is not removed:
             # Whoever still holds the folder (a shell's cwd, an open fd) gets ENOENT from
             # now on, and watchers of the parent hear of the deletion.  (The name may show
             # another folder now: a pending one goes, an object defined elsewhere stays.)
