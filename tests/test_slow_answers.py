@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from conftest import run, sh
 
 STALL = 1.2  # each answer arrives after the default cache_timeout (1 s) has run out
@@ -48,4 +49,37 @@ def test_readers_of_one_file_share_a_slow_answer(mount_factory, tmp_path, monkey
     # Each step waits for the answer being asked, or at most for one more (a reader that
     # came while it was asked must not get an answer older than its question).
     assert eight <= 3 * alone, f"8 readers: {eight} calls, one reader: {alone}"
+    assert eight_took < 3 * alone_took + 2, f"8 readers: {eight_took:.1f} s, one: {alone_took:.1f}"
+
+
+@pytest.mark.xfail(strict=True, reason="each `ls` of a folder scanned by libvirt (snapshots/) "
+                   "costs its own two scans on a host slower than cache_timeout: 8 readers "
+                   "made 16 (112 calls, 19 s); a scan begun after a reader asked is not yet "
+                   "shared with it (hostile9's report)")
+def test_readers_of_one_folder_share_a_slow_listing(mount_factory, tmp_path,
+                                                     monkeypatch) -> None:
+    rules = tmp_path / "faults"
+    monkeypatch.setenv("LIBVIRTFS_FAULTS", str(rules))
+    monkeypatch.setenv("LIBVIRTFS_COUNT_CALLS", "1")
+    mounted = mount_factory("test:///default")
+    snapshots = mounted.host() / "domains/test/snapshots"
+    (snapshots / "before").mkdir()
+    listing = sh(f"ls {snapshots}").stdout
+    rules.write_text(f"test:///default stall {STALL}\n")
+
+    def readers(n: int) -> tuple[int, float]:
+        """`ls snapshots` by n programs at once, once the listing has expired."""
+        time.sleep(1.1)
+        before = counters(mounted.path)["libvirt.hops"]
+        started = time.monotonic()
+        with ThreadPoolExecutor(n) as pool:
+            texts = list(pool.map(lambda _: sh(f"ls {snapshots}").stdout, range(n)))
+        took = time.monotonic() - started
+        assert texts == [listing] * n
+        return counters(mounted.path)["libvirt.hops"] - before, took
+
+    alone, alone_took = readers(1)
+    eight, eight_took = readers(8)
+    rules.unlink()
+    assert eight <= 3 * alone, f"8 readers: {eight} listings, one reader: {alone}"
     assert eight_took < 3 * alone_took + 2, f"8 readers: {eight_took:.1f} s, one: {alone_took:.1f}"
