@@ -58,6 +58,15 @@ class Mount:
 
 def _wait_ready(mount: Mount, timeout: float = 300) -> Mount:
     """Mounted, and the host's folder answers (`status` reads `connected`)."""
+    try:
+        return _wait(mount, timeout)
+    except BaseException:  # interrupted (Ctrl-C) or failed: leave nothing mounted
+        mount.process.kill()
+        mount.unmount()
+        raise
+
+
+def _wait(mount: Mount, timeout: float) -> Mount:
     deadline = time.monotonic() + timeout
     status = mount.path / "hosts" / mount.host / "status"
     while True:
@@ -71,8 +80,6 @@ def _wait_ready(mount: Mount, timeout: float = 300) -> Mount:
             except OSError:
                 pass
         if time.monotonic() > deadline:
-            mount.process.kill()
-            mount.unmount()
             raise RuntimeError(f"{mount.kind} did not come up within {timeout:g} s")
         time.sleep(0.02)
 

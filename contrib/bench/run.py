@@ -416,6 +416,10 @@ def main(argv: list[str]) -> int:
                     bench.qemu(defined, args.reps)
                 if "remote" in args.parts:
                     bench.remote(defined, min(args.reps, args.reps_remote))
+    except KeyboardInterrupt:
+        results.notes.append("interrupted (Ctrl-C): the tables hold what was measured until "
+                             "then")
+        args.output = None  # a partial run never replaces the page's results
     finally:
         bench.unmount_all()
         if defined:
