@@ -3,7 +3,10 @@ progress in `job`, can be aborted, stall, and refuse a second job.
 
 A guest without an OS has all-zero memory, which QEMU saves in a blink.  These guests get
 768 MiB of random bytes loaded into their memory at start (QEMU's generic `loader`
-device), so a save writes that much and takes a few seconds here.
+device), so a save writes that much; at full speed that takes under two seconds here,
+which a test acting while the job runs raced (an abort came after the save had ended, one
+run in three).  So each guest's QEMU is capped to a few percent of one CPU while the test
+acts (tests/cpucap.py), and its save lasts tens of seconds.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import eventually, run, sh, user_error, write_file
+from conftest import eventually, run, sh, user_error
+from cpucap import cpu_capped
 
 pytestmark = pytest.mark.qemu
 
 # The short -o timeout the long operations must outlast.  (1 s is too short for this shared
 # machine's setup calls: a listing alone took 2.4 s under other tests' load.)
 SHORT = 2.0
+# QEMU's share of one CPU, in percent, while a test acts on its job: a save of the guests'
+# memory then takes about 20 s (ACTING) or 7 s (WATCHING) here instead of under 2 s.
+ACTING = 2
+WATCHING = 5
 
 FILLED_GUEST = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
@@ -47,32 +55,28 @@ def fill() -> Path:
 
 
 @pytest.fixture
-def guest(qemu_uri: str):
+def guest(qemu_uri: str, fill: Path, tmp_path: Path):
+    """A running guest with the filled memory, started by virsh before the test mounts: the
+    start loads 768 MiB, which on a loaded machine takes longer than these mounts' short
+    -o timeout (`echo start > control` then failed with ETIMEDOUT; starting is not what
+    these tests are about)."""
     name = f"jobs-{uuid.uuid4().hex[:8]}"
-    yield name
-    run("virsh", "-c", qemu_uri, "destroy", name, check=False)
-    run("virsh", "-c", qemu_uri, "undefine", "--managed-save", "--snapshots-metadata", name,
-        check=False)
-
-
-def running_guest(host: Path, name: str, fill: Path) -> Path:
-    """Defined and started through the mount; loading the memory takes a while, so the
-    mounts with a short timeout get a guest started by virsh."""
-    folder = host / "domains" / name
-    if name in os.listdir(host / "domains"):
-        return folder
-    folder.mkdir()
-    write_file(folder / "xml", FILLED_GUEST.format(name=name, fill=fill))
-    sh(f"echo start > {folder}/control")
-    assert (folder / "state").read_text() == "running\n"
-    return folder
-
-
-def started_by_virsh(qemu_uri: str, name: str, fill: Path, tmp_path: Path) -> None:
     document = tmp_path / f"{name}.xml"
     document.write_text(FILLED_GUEST.format(name=name, fill=fill))
-    run("virsh", "-c", qemu_uri, "define", document)
-    run("virsh", "-c", qemu_uri, "start", name)
+    try:
+        run("virsh", "-c", qemu_uri, "define", document)
+        run("virsh", "-c", qemu_uri, "start", name)
+        yield name
+    finally:
+        run("virsh", "-c", qemu_uri, "destroy", name, check=False)
+        run("virsh", "-c", qemu_uri, "undefine", "--managed-save", "--snapshots-metadata",
+            name, check=False)
+
+
+def running_guest(host: Path, name: str) -> Path:
+    folder = host / "domains" / name
+    assert (folder / "state").read_text() == "running\n"
+    return folder
 
 
 def job(folder: Path | int) -> dict[str, str]:
@@ -128,14 +132,11 @@ def wait_for_progress(folder: Path) -> dict[str, str]:
 
 
 def test_managed_save_outlasts_the_timeout_and_job_shows_it_moving(
-        mount_factory, qemu_uri: str, guest: str, fill: Path, tmp_path: Path) -> None:
-    started_by_virsh(qemu_uri, guest, fill, tmp_path)
+        mount_factory, qemu_uri: str, guest: str) -> None:
     mounted = mount_factory(f"lab={qemu_uri}", options=f"timeout={SHORT}")
     host = mounted.host("lab")
-    folder = running_guest(host, guest, fill)
+    folder = running_guest(host, guest)
     assert (folder / "job").read_text() == ""
-    writer = Writer(folder / "control", "managed-save\n")
-    writer.start()
     seen: list[dict[str, str]] = []
     slowest = {"job": 0.0, "uri": 0.0, "info": 0.0, "networks": 0.0}
 
@@ -145,22 +146,25 @@ def test_managed_save_outlasts_the_timeout_and_job_shows_it_moving(
         slowest[name] = max(slowest[name], time.monotonic() - began)
         return result
 
-    # As `cd domains/VM; watch cat job` does: a path from the top would look the domain
-    # up in domains/, whose listing waits for libvirt's lock on the domain at the end of
-    # the save (see below).
-    here = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    while writer.is_alive():
-        now = timed("job", lambda: job(here))
-        # The rest of the host keeps answering meanwhile.  (Not what touches this
-        # domain: at the end of a save libvirt holds the domain's lock for seconds
-        # while the image is flushed, and listAllDomains waits for it too.)
-        assert timed("uri", (host / "uri").read_text)
-        assert "hostname" in timed("info", (host / "info").read_text)
-        assert timed("networks", lambda: os.listdir(host / "networks")) is not None
-        if now.get("status") == "running":
-            seen.append(now)
-        time.sleep(0.1)
-    os.close(here)
+    with cpu_capped(qemu_pid(guest), WATCHING):  # the save lasts past SHORT, polled often
+        writer = Writer(folder / "control", "managed-save\n")
+        writer.start()
+        # As `cd domains/VM; watch cat job` does: a path from the top would look the domain
+        # up in domains/, whose listing waits for libvirt's lock on the domain at the end of
+        # the save (see below).
+        here = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        while writer.is_alive():
+            now = timed("job", lambda: job(here))
+            # The rest of the host keeps answering meanwhile.  (Not what touches this
+            # domain: at the end of a save libvirt holds the domain's lock for seconds
+            # while the image is flushed, and listAllDomains waits for it too.)
+            assert timed("uri", (host / "uri").read_text)
+            assert "hostname" in timed("info", (host / "info").read_text)
+            assert timed("networks", lambda: os.listdir(host / "networks")) is not None
+            if now.get("status") == "running":
+                seen.append(now)
+            time.sleep(0.1)
+        os.close(here)
     assert writer.result() is None
     assert writer.took > SHORT, f"the save took {writer.took:.1f} s: not past the timeout"
     assert max(slowest.values()) < SHORT, f"slowest reads while the job ran: {slowest}"
@@ -177,17 +181,17 @@ def test_managed_save_outlasts_the_timeout_and_job_shows_it_moving(
     assert "abort" not in (folder / "control").read_text().split()
 
 
-def test_abort_of_a_running_managed_save(mount_factory, qemu_uri: str, guest: str,
-                                         fill: Path) -> None:
+def test_abort_of_a_running_managed_save(mount_factory, qemu_uri: str, guest: str) -> None:
     mounted = mount_factory(f"lab={qemu_uri}", options="timeout=5")
-    folder = running_guest(mounted.host("lab"), guest, fill)
-    writer = Writer(folder / "control", "managed-save\n")
-    writer.start()
-    wait_for_progress(folder)
-    assert "abort" in (folder / "control").read_text().split()
-    sh(f"echo abort > {folder}/control")
-    error = writer.result()
-    assert error is not None and error.errno == errno.ECANCELED, error
+    folder = running_guest(mounted.host("lab"), guest)
+    with cpu_capped(qemu_pid(guest), ACTING):  # the save is still running when abort comes
+        writer = Writer(folder / "control", "managed-save\n")
+        writer.start()
+        progress = wait_for_progress(folder)
+        assert "abort" in (folder / "control").read_text().split()
+        sh(f"echo abort > {folder}/control")
+        error = writer.result()
+    assert error is not None and error.errno == errno.ECANCELED, (error, progress)
     assert (folder / "state").read_text() == "running\n"
     done = job(folder)
     assert done["status"] == "cancelled", done
@@ -196,35 +200,35 @@ def test_abort_of_a_running_managed_save(mount_factory, qemu_uri: str, guest: st
     assert "managed-save: no" in (folder / "info").read_text()
 
 
-def test_a_second_job_on_the_domain_is_ebusy(mount_factory, qemu_uri: str, guest: str,
-                                             fill: Path) -> None:
+def test_a_second_job_on_the_domain_is_ebusy(mount_factory, qemu_uri: str, guest: str) -> None:
     mounted = mount_factory(f"lab={qemu_uri}", options="timeout=5")
-    folder = running_guest(mounted.host("lab"), guest, fill)
+    folder = running_guest(mounted.host("lab"), guest)
     pid = qemu_pid(guest)
-    first = Writer(folder / "control", "managed-save\n")
-    first.start()
-    wait_for_progress(folder)
-    os.kill(pid, signal.SIGSTOP)  # the first job lasts until QEMU runs again
-    try:
-        # Another shell: the kernel serialises one program's writes to one file.
-        second = sh(f"echo managed-save > {folder}/control", check=False)
-        assert "Device or resource busy" in second.stderr, second.stderr
-        assert "a job runs on this domain already" in user_error(folder / "control")
-        assert job(folder)["status"] == "running"
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    with cpu_capped(pid, ACTING):  # the save is still running when QEMU is stopped
+        first = Writer(folder / "control", "managed-save\n")
+        first.start()
+        wait_for_progress(folder)
+        os.kill(pid, signal.SIGSTOP)  # the first job lasts until QEMU runs again
+        try:
+            # Another shell: the kernel serialises one program's writes to one file.
+            second = sh(f"echo managed-save > {folder}/control", check=False)
+            assert "Device or resource busy" in second.stderr, second.stderr
+            assert "a job runs on this domain already" in user_error(folder / "control")
+            assert job(folder)["status"] == "running"
+        finally:
+            os.kill(pid, signal.SIGCONT)
     assert first.result() is None  # the first one is untouched
     assert (folder / "state").read_text() == "shutoff\n"
     assert job(folder)["status"] == "completed"
 
 
 def test_a_job_without_progress_is_aborted_after_job_stall(
-        mount_factory, qemu_uri: str, guest: str, fill: Path) -> None:
+        mount_factory, qemu_uri: str, guest: str) -> None:
     """A stopped QEMU process answers nothing: the save cannot even begin, libvirt gives
     no job stats, and after job_stall seconds the job is aborted; the writer gets
     ETIMEDOUT and the VM runs on."""
     mounted = mount_factory(f"lab={qemu_uri}", options="timeout=5,job_stall=2")
-    folder = running_guest(mounted.host("lab"), guest, fill)
+    folder = running_guest(mounted.host("lab"), guest)
     pid = qemu_pid(guest)
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -244,11 +248,10 @@ def test_a_job_without_progress_is_aborted_after_job_stall(
 
 
 def test_a_memory_snapshot_is_a_job(
-        mount_factory, qemu_uri: str, guest: str, fill: Path, tmp_path: Path) -> None:
+        mount_factory, qemu_uri: str, guest: str) -> None:
     """An external memory snapshot writes the guest's 768 MiB: past a short -o timeout, watched
     in `job`.  (Deleting it would be a job too, but libvirt 9.0 here fails to delete an
     external memory snapshot: "An error occurred, but the cause is unknown".)"""
-    started_by_virsh(qemu_uri, guest, fill, tmp_path)
     mounted = mount_factory(f"lab={qemu_uri}", options=f"timeout={SHORT}")
     folder = mounted.host("lab") / "domains" / guest
     memory = Path(f"/var/lib/libvirt/images/{guest}.mem")
@@ -258,17 +261,18 @@ def test_a_memory_snapshot_is_a_job(
             folder / "snapshots")
         maker = threading.Thread(target=lambda: run("mkdir", folder / "snapshots" / "warm"),
                                  daemon=True)
-        began = time.monotonic()
-        maker.start()
-        here = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         seen: list[dict[str, str]] = []
-        while maker.is_alive():
-            now = job(here)
-            if now.get("status") == "running":
-                seen.append(now)
-            time.sleep(0.1)
-        os.close(here)
-        took = time.monotonic() - began
+        with cpu_capped(qemu_pid(guest), WATCHING):  # it lasts past SHORT, polled often
+            began = time.monotonic()
+            maker.start()
+            here = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            while maker.is_alive():
+                now = job(here)
+                if now.get("status") == "running":
+                    seen.append(now)
+                time.sleep(0.1)
+            os.close(here)
+            took = time.monotonic() - began
         assert took > SHORT, f"the snapshot took {took:.1f} s: not past the timeout"
         assert "warm" in os.listdir(folder / "snapshots")
         assert any(int(s.get("data-processed", "0")) > 0 for s in seen), seen
