@@ -4,6 +4,12 @@ start-second), by `migrate` control word and by `mv` across host folders.
 Both daemons run on this machine: the second one's host name does not resolve, so every
 migration towards it gives `migrate-uri=tcp://127.0.0.1` (and `listen-address=127.0.0.1`
 keeps the receiving QEMU on loopback).  docs/hosts.md, "Migration".
+
+A guest without an OS has all-zero memory: 2 GiB of it pass in about 5 s at bandwidth=1,
+which a test acting while the migration runs raced (an abort or a kill after it had
+ended).  The guests of such tests get random bytes loaded into their memory (QEMU's
+generic `loader` device), each MiB of which takes a second at bandwidth=1: 8 MiB for a
+migration that must end (about 15 s), 64 MiB for one the test aborts (over a minute).
 """
 
 from __future__ import annotations
@@ -27,14 +33,46 @@ pytestmark = pytest.mark.qemu
 SECOND_URI = "qemu+tcp://127.0.0.1:16510/system"
 LOOPBACK = "migrate-uri=tcp://127.0.0.1 listen-address=127.0.0.1"
 
-GUEST = """<domain type='qemu'>
+GUEST = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <!-- no OS: SeaBIOS runs forever; memory {mib} MiB of zeros migrates in seconds, and
        slowly at bandwidth=1 -->
   <memory unit='MiB'>{mib}</memory>
-  <os><type arch='x86_64'>hvm</type></os>
+  <os><type arch='x86_64'>hvm</type></os>{fill}
 </domain>
 """
+FILL = """
+  <qemu:commandline>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='loader,file={path},addr=0x1000000,force-raw=on'/>
+  </qemu:commandline>"""
+# MiB of random bytes in the memory of a guest whose migration must end / is aborted.
+ENDS = 8
+ABORTED = 64
+
+
+def guest_xml(name: str, mib: int, fill: Path | None = None) -> str:
+    """A guest of `mib` MiB; `fill`'s bytes are loaded into its memory at 16 MiB."""
+    return GUEST.format(name=name, mib=mib, fill=FILL.format(path=fill) if fill else "")
+
+
+@pytest.fixture(scope="module")
+def random_memory():
+    """`random_memory(MIB)`: a file of MIB random MiB for guest_xml, in /var/tmp, which
+    the second daemon sees too (its QEMU opens the same file when the guest arrives)."""
+    made: dict[int, Path] = {}
+
+    def file(mib: int) -> Path:
+        if mib not in made:
+            path = Path(f"/var/tmp/libvirtfs-migrate-fill-{os.getpid()}-{mib}.bin")
+            run("dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={mib}",
+                "status=none")
+            made[mib] = path
+        return made[mib]
+
+    yield file
+    for path in made.values():
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +106,11 @@ def virsh_state(uri: str, domain: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else "absent"
 
 
-def running_guest(mounted, host: str, domain: str, mib: int = 64) -> Path:
+def running_guest(mounted, host: str, domain: str, mib: int = 64,
+                  fill: Path | None = None) -> Path:
     folder = mounted.host(host) / "domains" / domain
     folder.mkdir()
-    write_file(folder / "xml", GUEST.format(name=domain, mib=mib))
+    write_file(folder / "xml", guest_xml(domain, mib, fill))
     sh(f"echo start > {folder}/control")
     return folder
 
@@ -93,7 +132,8 @@ def test_migrate_by_control_word_there_and_back(both, qemu_uri, second_uri, name
     eventually(lambda: name not in os.listdir(both.host("b") / "domains"))
 
 
-def test_mv_migrates_both_ways_and_the_folder_moves(both, qemu_uri, second_uri, name) -> None:
+def test_mv_migrates_both_ways_and_the_folder_moves(both, qemu_uri, second_uri, name,
+                                                     random_memory) -> None:
     folder = running_guest(both, "a", name)
     domains_a, domains_b = both.host("a") / "domains", both.host("b") / "domains"
     # Without a migration address the destination's host name is used: it does not
@@ -107,9 +147,10 @@ def test_mv_migrates_both_ways_and_the_folder_moves(both, qemu_uri, second_uri, 
     sh(f"setfattr -n user.migrate -v 'live persist undefine-source bandwidth=1 {LOOPBACK}' "
        f"{folder}")
     inode = folder.stat().st_ino
-    # Slowed down (2 GiB of zeros at 1 MiB/s take some seconds): `job` shows it moving.
+    # Slowed down (2 GiB of zeros and 8 MiB of random bytes at 1 MiB/s take some 15 s):
+    # `job` shows it moving.
     sh(f"echo destroy > {folder}/control")
-    write_file(folder / "xml", GUEST.format(name=name, mib=2048))
+    write_file(folder / "xml", guest_xml(name, 2048, random_memory(ENDS)))
     sh(f"echo start > {folder}/control")
     # What was looked up in the folder before (here by ls) answers while mv runs; a name
     # looked up for the first time waits for mv (the kernel locks the folder for it).
@@ -174,7 +215,7 @@ def test_mv_to_a_new_name_and_of_a_shut_off_domain(both, qemu_uri, second_uri, n
 def test_mv_within_one_host_still_renames(both, qemu_uri, name) -> None:
     domains = both.host("a") / "domains"
     (domains / name).mkdir()
-    write_file(domains / name / "xml", GUEST.format(name=name, mib=64))
+    write_file(domains / name / "xml", guest_xml(name, 64))
     sh(f"mv {domains / name} {domains}/{name}-b")
     assert virsh_state(qemu_uri, f"{name}-b") == "shut off"
     sh(f"mv {domains}/{name}-b {domains / name}")
@@ -207,7 +248,7 @@ def test_refused_migrations_leave_the_vm_running_at_the_source(
     # The name is taken at the destination.
     taken = both.host("b") / "domains" / name
     taken.mkdir()
-    write_file(taken / "xml", GUEST.format(name=name, mib=64))
+    write_file(taken / "xml", guest_xml(name, 64))
     with pytest.raises(OSError) as caught:
         write_file(control, f"migrate b live persist {LOOPBACK}\n")
     assert caught.value.errno == errno.EEXIST, caught.value
@@ -237,8 +278,9 @@ def test_copying_programs_never_migrate(both, qemu_uri, name, tmp_path) -> None:
     assert "mv does" in user_error(both.host("a") / "domains")
 
 
-def test_progress_shows_while_the_vm_moves_slowly(both, qemu_uri, second_uri, name) -> None:
-    folder = running_guest(both, "a", name, mib=2048)
+def test_progress_shows_while_the_vm_moves_slowly(both, qemu_uri, second_uri, name,
+                                                   random_memory) -> None:
+    folder = running_guest(both, "a", name, mib=2048, fill=random_memory(ENDS))
     writer = threading.Thread(target=sh, args=(
         f"echo 'migrate b live persist undefine-source bandwidth=1 {LOOPBACK}' "
         f"> {folder}/control",), kwargs={"timeout": 300})
@@ -267,8 +309,9 @@ def test_progress_shows_while_the_vm_moves_slowly(both, qemu_uri, second_uri, na
     assert len(set(processed)) >= 2 and processed == sorted(processed), processed
 
 
-def test_a_killed_mv_aborts_the_migration(both, qemu_uri, second_uri, name) -> None:
-    folder = running_guest(both, "a", name, mib=2048)
+def test_a_killed_mv_aborts_the_migration(both, qemu_uri, second_uri, name,
+                                          random_memory) -> None:
+    folder = running_guest(both, "a", name, mib=2048, fill=random_memory(ABORTED))
     sh(f"setfattr -n user.migrate -v 'live persist undefine-source bandwidth=1 {LOOPBACK}' "
        f"{folder}")
     mover = subprocess.Popen(["mv", str(folder), str(both.host("b") / "domains")])
@@ -316,8 +359,8 @@ def test_a_uri_no_mounted_host_has_is_opened_for_the_call(
 
 
 def test_abort_of_a_migration_leaves_the_vm_at_the_source(both, qemu_uri, second_uri,
-                                                          name) -> None:
-    folder = running_guest(both, "a", name, mib=2048)
+                                                          name, random_memory) -> None:
+    folder = running_guest(both, "a", name, mib=2048, fill=random_memory(ABORTED))
     writer = subprocess.Popen(
         ["bash", "-c", f"echo 'migrate b live persist undefine-source bandwidth=1 "
                        f"{LOOPBACK}' > {folder}/control"],
@@ -339,8 +382,8 @@ def test_abort_of_a_migration_leaves_the_vm_at_the_source(both, qemu_uri, second
 
 
 def test_job_shows_a_migration_moving_and_abort_leaves_the_vm_at_the_source(
-        both, qemu_uri, second_uri, name) -> None:
-    folder = running_guest(both, "a", name, mib=2048)
+        both, qemu_uri, second_uri, name, random_memory) -> None:
+    folder = running_guest(both, "a", name, mib=2048, fill=random_memory(ABORTED))
     errors: list[OSError] = []
 
     def migrate() -> None:
