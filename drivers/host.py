@@ -67,6 +67,9 @@ class Host(SnapshotCalls):
         self.tables = HostTables(connection, cache_timeout, listed=self._prune)
         self.jobs = Jobs(connection, stall_seconds=job_stall)
         self._arriving: list[str] = []  # migrations of other hosts into this one, running
+        self._migrates: bool | None = None  # known once asked, until the connection is lost
+        self._asking_migrates: trio.Event | None = None  # set when the call in flight ends
+        connection.on_lost(self._forget_migrates)
 
     # -- jobs (drivers/jobs.py) --------------------------------------------------------
 
@@ -139,6 +142,31 @@ class Host(SnapshotCalls):
 
     async def capabilities(self) -> str:
         return await self.connection.call(lambda conn: conn.getCapabilities(), changes=False)
+
+    async def migrates(self) -> bool:
+        """Whether this hypervisor migrates domains at all: its capabilities announce
+        <migration_features> (QEMU's do; the test driver's and LXC's do not).  Asked once
+        per connection (the daemon may be another one after a reconnect), since reading
+        any domain's `control` lists `migrate` by it: a thousand first readers share one
+        call, and if it fails they hear False (the listing goes on without `migrate`)."""
+        if self._migrates is not None:
+            return self._migrates
+        if self._asking_migrates is not None:
+            await self._asking_migrates.wait()
+            return bool(self._migrates)
+        self._asking_migrates = asked = trio.Event()
+        try:
+            caps = xmldocs.from_libvirt(await self.capabilities())
+            self._migrates = caps.find("host/migration_features") is not None
+        except OSError as e:
+            log.debug("capabilities, for whether domains migrate: %s", e)
+        finally:
+            self._asking_migrates = None
+            asked.set()
+        return bool(self._migrates)
+
+    def _forget_migrates(self, reason: str) -> None:
+        self._migrates = None
 
     # -- domains -----------------------------------------------------------------------
 

@@ -274,9 +274,15 @@ class DomainDirectory(ObjectDirectory):
         return await self.host.domain_info(self.key)  # type: ignore[arg-type]
 
     async def words(self) -> list[str]:
-        words = DOMAIN_WORDS_BY_STATE.get(await self.state(), [])
+        """The words of the state; then `abort` while a job runs, or else `migrate` where
+        it can be done (listed bare, as `wait` is: written bare, it is refused with its
+        usage, so a saved `control` written back still carries out nothing)."""
+        state = await self.state()
+        words = DOMAIN_WORDS_BY_STATE.get(state, [])
         if self.host.job_running(self.key):  # type: ignore[arg-type]
-            words = [*words, JOB_ABORT_WORD]
+            return [*words, JOB_ABORT_WORD]
+        if state in MIGRATABLE_STATES and await self.host.migrates():
+            return [*words, MIGRATE_WORD]
         return words
 
     async def carry_out(self, word: str) -> None:

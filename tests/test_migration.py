@@ -221,6 +221,34 @@ def test_mv_within_one_host_still_renames(both, qemu_uri, name) -> None:
     sh(f"mv {domains}/{name}-b {domains / name}")
 
 
+def test_control_lists_migrate_while_the_domain_can_be_migrated(
+        mount_factory, qemu_uri, name, tmp_path) -> None:
+    """`migrate` is listed like `wait`, a word that takes arguments: running, paused, or
+    shut off (offline), on a hypervisor that migrates (test driver and LXC: not listed,
+    tests/test_writing.py and test_lxc.py; while a job runs: not listed, test_qemu_jobs.py)."""
+    mounted = mount_factory(f"a={qemu_uri}")
+    folder = running_guest(mounted, "a", name)
+    control = folder / "control"
+    listing = control.read_text()
+    assert listing == ("shutdown\nreboot\nreset\ndestroy\nsuspend\nmanaged-save\nmigrate\n"
+                       "wait\n")
+    # Alone, it is refused with its usage; nothing moves.
+    result = sh(f"echo migrate > {control}", check=False)
+    assert result.returncode != 0 and "Invalid argument" in result.stderr
+    assert user_error(control).startswith("usage: migrate DEST [OPTIONS]: ")
+    # A saved `control` written back is refused, never carried out.
+    saved = tmp_path / "control"
+    saved.write_text(listing)
+    result = sh(f"cat {saved} > {control}", check=False)
+    assert result.returncode != 0 and "Invalid argument" in result.stderr
+    assert virsh_state(qemu_uri, name) == "running"
+    sh(f"echo suspend > {control}")
+    assert control.read_text() == "resume\nreset\ndestroy\nmanaged-save\nmigrate\nwait\n"
+    sh(f"echo destroy > {control}")
+    assert control.read_text() == "start\nstart-paused\nmigrate\nwait\n"
+    assert virsh_state(qemu_uri, name) == "shut off"
+
+
 def test_refused_migrations_leave_the_vm_running_at_the_source(
         both, qemu_uri, second_uri, name) -> None:
     folder = running_guest(both, "a", name)
