@@ -167,7 +167,8 @@ def test_missing_names_are_probed_without_a_listing_each(mount_factory, big_host
     result = sh(probe, check=False)
     assert result.returncode == 1 and result.stderr.count("No such file") == 1000
     after = counters(mounted)
-    assert after["fuse.lookup"] - before["fuse.lookup"] == 1000
+    # One lookup per missing name; the `cd` may walk hosts/big/domains again (up to 3).
+    assert 1000 <= after["fuse.lookup"] - before["fuse.lookup"] <= 1003
     assert after["libvirt.total"] == before["libvirt.total"]  # answered from the listing
 
     sh(probe, check=False)  # again: the kernel remembers them, nobody asks us
