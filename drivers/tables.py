@@ -34,6 +34,7 @@ from typing import Any, Generic, TypeVar
 import libvirt
 import trio
 
+from libvirtfs.drivers import statedir
 from libvirtfs.drivers.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class Table(Generic[Row]):
         # fetching again (on a busy host an event lands during most fetches).
         self._begun = 0
         self._last: tuple[int, bool, dict[str, Row]] | None = None
+        # When a fetch saw objects go: listed again once the records of objects removed
+        # elsewhere are past statedir.PRUNE_GRACE, so that a listing drops them (monotonic).
+        self._recheck_at: float | None = None
 
     # -- marks, from any thread --------------------------------------------------------
 
@@ -113,11 +117,19 @@ class Table(Generic[Row]):
     @property
     def version(self) -> int | None:
         """Changes whenever the listing may have; None while events do not keep it."""
+        self._recheck_if_due()
         return self._generation if self._evented else None
+
+    def _recheck_if_due(self) -> None:
+        recheck_at = self._recheck_at
+        if recheck_at is not None and time.monotonic() >= recheck_at:
+            self._recheck_at = None
+            self.mark()
 
     # -- reading, on the trio loop -----------------------------------------------------
 
     def _fresh(self, full: bool) -> bool:
+        self._recheck_if_due()
         now = time.monotonic()
         kept_at = self._kept_at
         if kept_at is None or (not self._evented and now - kept_at >= self.cache_timeout):
@@ -146,6 +158,8 @@ class Table(Generic[Row]):
             # Only a reader waiting now can have asked before it began: kept for them alone,
             # not as a second copy of the table for ever.
             self._last = (number, full, rows) if self._lock.statistics().tasks_waiting else None
+            if self._rows.keys() - rows.keys():
+                self._recheck_at = time.monotonic() + statedir.PRUNE_GRACE + 0.5
             with self._mutex:
                 if generation == self._generation:  # else a change landed meanwhile
                     self._rows = rows
