@@ -209,11 +209,14 @@ class Connection:
             raise DriverError(errno.ENOTCONN, f"the connection to {self.where} is closed: "
                                               f"the host was disconnected (rmdir) or the "
                                               f"filesystem is unmounting")
-        if self._conn is not None:
-            if _alive(self._conn):
-                return self._conn
+        # Read once: libvirt's close callback may set it to None meanwhile, on its thread
+        # (a None among the lost connections failed every later open with EIO).
+        conn = self._conn
+        if conn is not None:
+            if _alive(conn):
+                return conn
             log.warning("connection to %s was lost; reconnecting", self.where)
-            self._lose(self._conn, word="dead")
+            self._lose(conn, word="dead")
         self._close_lost()
         events.ensure_event_loop()
         self._opening = True
@@ -268,6 +271,8 @@ class Connection:
     def _lose(self, conn: libvirt.virConnect, reason: str = "the connection was lost",
               word: str = "") -> None:
         """`reason` for `status`, `word` for the events file (none: not worth a line)."""
+        if conn is None:
+            return
         with self._state_lock:
             current = self._conn is conn
             if current:
