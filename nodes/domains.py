@@ -107,7 +107,7 @@ class DomainsDirectory(CollectionDirectory):
         options = node.migrate_options
         if dest_name != node.libvirt_name:
             options = options.with_param("dest-name", dest_name)
-        if "live" in options.flags and await node.state() == "shutoff":
+        if "live" in options.flags and await node.state(fresh=True) == "shutoff":
             # A shut-off domain has nothing to move live: its definition moves.
             options = options.with_flag("offline", instead_of="live")
         # The domain leaves host a before the migration returns; listings of a in that
@@ -251,7 +251,7 @@ class DomainDirectory(ObjectDirectory):
         async with self.lock:
             if self.key is None:
                 raise fs_error(errno.ENOENT, f"{self.path} is not defined yet")
-            state = await self.state()
+            state = await self.state(fresh=True)
             if state not in MIGRATABLE_STATES:
                 raise fs_error(errno.EBUSY, f"a {state} domain cannot be migrated")
         # A job, outside the lock as the other jobs: `abort` and the other words reach
@@ -267,8 +267,10 @@ class DomainDirectory(ObjectDirectory):
                 collection.invalidate()
                 self.ctx.changed(collection)
 
-    async def state(self) -> str:
-        return (await self.host.domain_state(self.key))[0]  # type: ignore[arg-type]
+    async def state(self, *, fresh: bool = False) -> str:
+        """`fresh`: asked of libvirt now, not of the host's table (an event may still be
+        on its way), for checks that decide what to do."""
+        return (await self.host.domain_state(self.key, fresh=fresh))[0]  # type: ignore[arg-type]
 
     async def info(self) -> dict[str, Any]:
         return await self.host.domain_info(self.key)  # type: ignore[arg-type]
@@ -306,7 +308,7 @@ class DomainDirectory(ObjectDirectory):
         # Checked here so that every hypervisor refuses alike (the test driver calls a
         # wrong state an internal error).
         # The state of now, not of the host's table: an event may be on its way.
-        state = (await self.host.domain_state(self.key, fresh=True))[0]  # type: ignore[arg-type]
+        state = await self.state(fresh=True)
         valid = DOMAIN_WORDS_BY_STATE.get(state, [])
         if word not in valid:
             raise fs_error(errno.EBUSY, f"{word} is not possible while the domain is "

@@ -36,6 +36,13 @@ def xattr_calls(trace: Path) -> list[str]:
     return [line for line in trace.read_text().splitlines() if "xattr(" in line]
 
 
+def edit_elsewhere(path: Path, old: str, new: str) -> None:
+    """An edit outside the mount that leaves an ACL and an attribute of its own on the
+    file, for the copy back to carry."""
+    sh(f"sed -i 's/{old}/{new}/' {path}")
+    run("setfacl", "-m", "u:nobody:r", path)
+    run("setfattr", "-n", "user.note", "-v", "edited", path)
+
 def test_ls_l_asks_for_labels_and_acls_once_not_per_file(big: Mounted,
                                                          tmp_path: Path) -> None:
     domains = big.host("big") / "domains"
@@ -102,9 +109,7 @@ def test_cp_a_copies_a_domain_folder_out_and_its_xml_back(web: Path, tmp_path: P
         assert (saved / name).read_bytes() == (web / name).read_bytes(), name
 
     # Edited elsewhere, with an ACL and an attribute of its own, and copied back.
-    sh(f"sed -i 's/131072/2621440/' {saved / 'xml'}")
-    run("setfacl", "-m", "u:nobody:r", saved / "xml")
-    run("setfattr", "-n", "user.note", "-v", "edited", saved / "xml")
+    edit_elsewhere(saved / "xml", "131072", "2621440")
     back = run("cp", "-a", saved / "xml", web / "xml")
     assert back.stderr == ""
     assert info(web / "info")["max-memory"] == "2621440"
@@ -118,9 +123,7 @@ def test_rsync_aX_copies_out_and_back(web: Path, tmp_path: Path) -> None:
     assert (saved / "xml").read_text() == WEB
     assert (saved / "state").read_text() == "shutoff\n"
 
-    sh(f"sed -i 's/131072/1048576/' {saved / 'xml'}")
-    run("setfacl", "-m", "u:nobody:r", saved / "xml")
-    run("setfattr", "-n", "user.note", "-v", "edited", saved / "xml")
+    edit_elsewhere(saved / "xml", "131072", "1048576")
     back = run("rsync", "-aAX", saved / "xml", web / "xml")
     assert back.stderr == ""
     assert info(web / "info")["max-memory"] == "1048576"
