@@ -188,6 +188,20 @@ class HostDirectory(StaticDirectory):
                 raise
         self.touch()
         self.ctx.changed(self)
+        await self.list_collections()
+
+    async def list_collections(self) -> None:
+        """List the domains, pools and networks once as the host is attached: the first
+        `ls` or `cat */state` is then answered from listings that events keep true from
+        here on, instead of waiting for the host's first batched calls."""
+        if self.ctx.cache_timeout <= 0:  # nothing is kept: every read asks libvirt anyway
+            return
+        for node in (await self.children()).values():
+            if isinstance(node, (DomainsDirectory, PoolsDirectory, NetworksDirectory)):
+                try:
+                    await node.children()
+                except OSError as e:  # the first reader gets the error, with its reason
+                    log.debug("listing %s as the host is attached: %s", node.path, e)
 
     async def connect(self, uri: str) -> None:
         """A pending folder's `uri` was written.  On failure it stays pending (and empty

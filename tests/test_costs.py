@@ -109,6 +109,14 @@ def test_a_warm_pass_makes_no_call(counted, tmp_path: Path) -> None:
     assert cost(lambda: a_pass(host, "state", "info")) == {}
 
 
+def test_the_first_pass_on_a_fresh_mount_makes_no_call(counted, tmp_path: Path) -> None:
+    """The host's domains, pools and networks are listed as it is attached, so the first
+    `ls -l` and `cat */state` wait for no batched call (the benchmark's cold pass)."""
+    host = counted(f"test://{host_xml(tmp_path / 'h.xml', 200)}")
+    spent = cost(lambda: (a_pass(host, "state"), sh(f"ls {host}/pools {host}/networks")))
+    assert calls(spent) == 0, spent
+
+
 def test_an_expired_pass_costs_one_batch_not_one_call_per_file(counted,
                                                              tmp_path: Path) -> None:
     host = counted(f"test://{host_xml(tmp_path / 'h.xml', 200)}")
