@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import libvirt
 import trio
 
-from libvirtfs.drivers import counting, events, eventwords, faults
+from libvirtfs.drivers import counting, credentials, events, eventwords, faults
 from libvirtfs.drivers.errors import DriverError, from_libvirt
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,12 @@ class Connection:
     """One libvirt connection, opened lazily in a worker thread and reopened after a loss."""
 
     def __init__(self, uri: str | None, *, timeout: float = 30.0, read_only: bool = False,
-                 keepalive: tuple[int, int] = DEFAULT_KEEPALIVE, max_threads: int = 4) -> None:
+                 keepalive: tuple[int, int] = DEFAULT_KEEPALIVE, max_threads: int = 4,
+                 credentials_file: str | None = None) -> None:
         self.requested_uri = uri
+        # A file of user name and password for libvirt's auth callbacks (SASL), read at
+        # every open (drivers/credentials.py); None: libvirt asks nobody.
+        self.credentials_file = credentials_file
         self.timeout = timeout
         self.read_only = read_only
         # libvirt's keepalive (interval seconds, count): a remote daemon that stops
@@ -228,12 +232,12 @@ class Connection:
     def _connect(self) -> libvirt.virConnect:
         uri = self.requested_uri
         try:
-            conn = libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
+            conn = self._libvirt_open(uri)
         except libvirt.libvirtError as e:
             error = from_libvirt(e)
-            self._down_reason = error.strerror or "libvirt could not connect"
-            raise DriverError(_open_errno(e, error), error.strerror,
-                              error.libvirt_code) from None
+            message = _with_hint(error.strerror or "libvirt could not connect")
+            self._down_reason = message
+            raise DriverError(_open_errno(e, error), message, error.libvirt_code) from None
         if self._closing.is_set():  # closed while libvirt was opening it (close() left it)
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
@@ -250,6 +254,18 @@ class Connection:
             except libvirt.libvirtError as e:
                 log.warning("%s: %s", self.where, e.get_error_message())
         return conn
+
+    def _libvirt_open(self, uri: str | None) -> libvirt.virConnect:
+        if self.credentials_file is None:
+            return libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
+        try:
+            found = credentials.read_credentials(self.credentials_file)
+        except credentials.CredentialsError as e:
+            self._down_reason = e.strerror
+            raise
+        auth = [credentials.ANSWERED, credentials.auth_callback(found), None]
+        flags = libvirt.VIR_CONNECT_RO if self.read_only else 0
+        return libvirt.openAuth(uri, auth, flags)
 
     def _closed(self, conn: libvirt.virConnect, reason: int, opaque: object) -> None:
         """libvirt's close callback (on its event thread): only mark the loss; closing
@@ -580,6 +596,21 @@ def _open_errno(e: libvirt.libvirtError, error: DriverError) -> int:
     if "no connection driver available" in message or "Unable to parse URI" in message:
         return errno.EINVAL
     return errno.ENOTCONN
+
+
+# libvirt's words for a refusal whose reason only the far end knows, and what it means.
+_HINTS = {
+    "Unable to read TLS confirmation":
+        "the daemon refused the TLS handshake; its log says why, most often that this "
+        "client has no certificate (clientcert.pem in pkipath) signed by a CA it trusts",
+}
+
+
+def _with_hint(message: str) -> str:
+    for words, hint in _HINTS.items():
+        if words in message:
+            return f"{message} ({hint})"
+    return message
 
 
 def _alive(conn: libvirt.virConnect) -> bool:

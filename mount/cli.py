@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "30), cache_timeout=SECONDS (default 1), and the usual fstab ones")
     parser.add_argument("--config", metavar="PATH",
                         help="a TOML file of hosts to mount, one [[host]] table each (name, "
-                             "uri, timeout, keepalive_interval, keepalive_count, read_only): "
+                             "uri, timeout, keepalive_interval, keepalive_count, read_only, "
+                             "credentials): "
                              "see docs/hosts.md")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground")

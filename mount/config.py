@@ -7,6 +7,7 @@
     keepalive_interval = 5                 # seconds between keepalive messages (0: none)
     keepalive_count = 3                    # unanswered ones before the host is lost
     read_only = true                       # EROFS for every change under it (default: -o ro)
+    credentials = "/etc/libvirtfs/lab.cred"  # user name and password for SASL (mode 0600)
 
 A mistake in the file is one line naming the file, the table and the key: an unknown key
 or a wrong type is an error, not a silently ignored setting.
@@ -15,6 +16,7 @@ or a wrong type is an error, not a silently ignored setting.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,9 @@ class HostSpec:
     read_only: bool | None = None
     keepalive: tuple[int, int] = field(default=DEFAULT_KEEPALIVE)
     origin: str = "the command line"  # where it was given, for messages
+    # A file of user name and password for libvirt's auth callbacks (config file only:
+    # a password on the command line is shown by `ps` to every user).
+    credentials: str | None = None
 
 
 def parse_host(text: str) -> HostSpec:
@@ -64,7 +69,8 @@ def check_name(name: str, where: str) -> str:
     return name
 
 
-_KEYS = {"name", "uri", "timeout", "keepalive_interval", "keepalive_count", "read_only"}
+_KEYS = {"name", "uri", "timeout", "keepalive_interval", "keepalive_count", "read_only",
+         "credentials"}
 
 
 def load_config(path: str | Path) -> list[HostSpec]:
@@ -90,12 +96,13 @@ def load_config(path: str | Path) -> list[HostSpec]:
     tables = document.get("host", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path}: 'host' must be tables written [[host]], one per host")
-    specs = [_host(table, f"{path}: host {n}") for n, table in enumerate(tables, 1)]
+    specs = [_host(table, f"{path}: host {n}", Path(path).parent)
+             for n, table in enumerate(tables, 1)]
     check_unique(specs)
     return specs
 
 
-def _host(table: dict[str, Any], where: str) -> HostSpec:
+def _host(table: dict[str, Any], where: str, folder: Path) -> HostSpec:
     name = table.get("name")
     if name is not None:
         where = f"{where} ({name!r})" if isinstance(name, str) else where
@@ -121,7 +128,16 @@ def _host(table: dict[str, Any], where: str) -> HostSpec:
     count = _count(table, "keepalive_count", DEFAULT_KEEPALIVE[1], 1, where)
     read_only = (_typed(table, "read_only", bool, "true or false", where)
                  if "read_only" in table else None)
-    return HostSpec(name, uri or None, timeout, read_only, (interval, count), where)
+    credentials = None
+    if "credentials" in table:
+        given = _typed(table, "credentials", str, "the path of a file", where)
+        if not given or "\0" in given:
+            raise ConfigError(f"{where}: 'credentials' must be the path of a file, "
+                              f"got {given!r}")
+        # Relative to the config file, as the mount runs from / once in the background.
+        credentials = os.path.abspath(folder / given)
+    return HostSpec(name, uri or None, timeout, read_only, (interval, count), where,
+                    credentials)
 
 
 def _typed(table: dict[str, Any], key: str, kind: type, words: str, where: str) -> Any:

@@ -57,7 +57,7 @@ async def open_host(spec: HostSpec, options: MountOptions) -> Host:
     """A Host whose connection is open now; OSError with libvirt's message if not."""
     timeout, read_only = host_settings(spec, options)
     connection = Connection(spec.uri, timeout=timeout, read_only=read_only,
-                            keepalive=spec.keepalive)
+                            keepalive=spec.keepalive, credentials_file=spec.credentials)
     host = Host(connection, job_stall=options.job_stall, cache_timeout=options.cache_timeout)
     try:
         await host.open()
@@ -86,7 +86,8 @@ async def connect_hosts(specs: list[HostSpec], options: MountOptions
         except OSError as e:
             for _, opened, _ in hosts:
                 await opened.connection.close()
-            raise StartupError(f"cannot connect to {spec.uri or 'the default URI'}: "
+            named = f" (hosts/{spec.name})" if spec.name else ""
+            raise StartupError(f"cannot connect to {spec.uri or 'the default URI'}{named}: "
                                f"{e.strerror or e}") from None
         try:
             check_name(name, spec.origin)
