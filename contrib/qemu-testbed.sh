@@ -30,7 +30,10 @@ LIBVIRTD_PIDFILE="$RUN_DIR/libvirtd.pid"
 WAIT_SECS="${LIBVIRTFS_TESTBED_WAIT:-30}"
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
-          libvirt-daemon-driver-lxc libvirt-clients util-linux)
+          libvirt-daemon-driver-lxc libvirt-clients util-linux
+          # the far ends of remote transports, which tests start on loopback themselves
+          # (tests/remote_daemons.py): sshd for qemu+ssh, certtool for qemu+tls, SASL
+          openssh-server openssh-client gnutls-bin sasl2-bin libsasl2-modules)
 # libvirtd loads its drivers when it starts: one already running when
 # libvirt-daemon-driver-lxc arrives serves no lxc:///system until it restarts.
 LXC_DRIVER=/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_lxc.so
@@ -152,11 +155,22 @@ cmd_install() {
         export DEBIAN_FRONTEND=noninteractive
         local aptlog=$RUN_DIR/apt.log
         apt-get update -q >"$aptlog" 2>&1 || die "apt-get update failed; see $aptlog"
+        # No package may start its service (openssh-server's sshd would listen on every
+        # address): where no policy-rc.d says so already, one does while apt runs.
+        local policy=/usr/sbin/policy-rc.d ours=""
+        if [[ ! -e $policy ]]; then
+            printf '#!/bin/sh\n# qemu-testbed.sh: no service starts while it installs\nexit 101\n' >"$policy"
+            chmod 755 "$policy"
+            ours=1
+        fi
+        local status=0
         # shellcheck disable=SC2086
-        apt-get install -y -q --no-install-recommends $missing >>"$aptlog" 2>&1 \
-            || die "apt-get install failed; see $aptlog"
+        apt-get install -y -q --no-install-recommends $missing >>"$aptlog" 2>&1 || status=$?
+        [[ -z $ours ]] || rm -f "$policy"
+        (( status == 0 )) || die "apt-get install failed; see $aptlog"
     fi
-    for p in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare; do
+    for p in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img unshare \
+             /usr/sbin/sshd ssh ssh-keygen certtool saslpasswd2; do
         command -v "$p" >/dev/null || die "$p not found after install"
     done
     [[ -f $LXC_DRIVER ]] || die "$LXC_DRIVER not found after install"

@@ -601,8 +601,11 @@ def _open_errno(e: libvirt.libvirtError, error: DriverError) -> int:
 # libvirt's words for a refusal whose reason only the far end knows, and what it means.
 _HINTS = {
     "Unable to read TLS confirmation":
-        "the daemon refused the TLS handshake; its log says why, most often that this "
-        "client has no certificate (clientcert.pem in pkipath) signed by a CA it trusts",
+        "the daemon refused the TLS handshake; its log says why: most often this client's "
+        "pkipath holds no clientcert.pem, or one signed by a CA the daemon does not trust",
+    "No worthy mechs found":
+        "the daemon asks for a user name and password: name a credentials file in the "
+        "host's [[host]] table (docs/hosts.md)",
 }
 
 

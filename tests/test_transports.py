@@ -273,6 +273,7 @@ def test_sasl_password_from_the_credentials_file(mount_factory, extra: ExtraLibv
     assert done.returncode == 1
     assert f"cannot connect to {extra.sasl_uri} (hosts/lab): authentication failed" \
         in done.stderr
+    assert "asks for a user name and password: name a credentials file" in done.stderr
     write_credentials(cred, SASL_USER, "wrong")
     done = libvirtfs("--config", config, tmp_path / "mnt2")
     assert done.returncode == 1
