@@ -124,14 +124,14 @@ LogLevel VERBOSE
         """The sshd processes serving connections now (one tree per connection)."""
         return descendants(self.process.pid)
 
-    def drop_connections(self) -> int:
+    def drop_connections(self) -> list[int]:
         """Kill every process serving a connection, as a crashed or restarted sshd, or a
-        firewall that resets the connection, would end it; how many were killed."""
+        firewall that resets the connection, would end it; the pids killed."""
         pids = self.sessions()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        return len(pids)
+        return pids
 
     def stop(self) -> None:
         self.drop_connections()
