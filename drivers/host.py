@@ -23,6 +23,7 @@ from libvirtfs.drivers import migration, records, statedir, xmldocs
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.control import ACTIONS, JOB_WORDS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
+from libvirtfs.drivers.disks import DiskCalls
 from libvirtfs.drivers.errors import DriverError
 from libvirtfs.drivers.jobs import DEFAULT_STALL_SECONDS, Jobs
 from libvirtfs.drivers.snapshots import SnapshotCalls
@@ -53,7 +54,7 @@ def _network(conn: libvirt.virConnect, uuid: str) -> libvirt.virNetwork:
     return conn.networkLookupByUUIDString(uuid)
 
 
-class Host(SnapshotCalls):
+class Host(SnapshotCalls, DiskCalls):
     """One hypervisor host reached through one libvirt URI (nodes/backend.py says what the
     tree asks of it)."""
 

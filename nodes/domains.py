@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from libvirtfs.nodes import migration
 from libvirtfs.nodes.base import Context, Directory, QueryFile, fs_error
+from libvirtfs.nodes.disks import DisksDirectory
 from libvirtfs.nodes.guard import FILE_COPIERS, caller
 from libvirtfs.nodes.names import name_for_new_object
 from libvirtfs.nodes.objects import CollectionDirectory, ObjectDirectory, folder
@@ -153,6 +154,10 @@ def _snapshots(directory: ObjectDirectory) -> SnapshotsDirectory:
     return SnapshotsDirectory(directory.ctx, directory.host, directory.key)  # type: ignore[arg-type]
 
 
+def _disks(directory: ObjectDirectory) -> DisksDirectory:
+    return DisksDirectory(directory.ctx, directory.host, directory.key)  # type: ignore[arg-type]
+
+
 class DomainDirectory(ObjectDirectory):
     kind = "domain"
     states = DOMAIN_STATES
@@ -163,6 +168,7 @@ class DomainDirectory(ObjectDirectory):
         "job": lambda d: JobFile(d.ctx),
         # Keyed by the domain (per_object): a domain defined anew has new snapshots.
         "snapshots": _snapshots,
+        "disks": _disks,
     }
     served_names = frozenset(served_files)
 

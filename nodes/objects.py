@@ -118,7 +118,7 @@ class ObjectDirectory(Directory):
     }
     # Served folders keyed by the object too: one defined anew under this name (a new
     # key) has new snapshots or volumes, so a new node.
-    per_object: ClassVar[frozenset[str]] = frozenset({"snapshots", "volumes"})
+    per_object: ClassVar[frozenset[str]] = frozenset({"snapshots", "volumes", "disks"})
     # Whether the served files are made once (no libvirt call decides them); else listed
     # again every cache_timeout, as any folder.
     fixed: ClassVar[bool] = True

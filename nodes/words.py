@@ -78,6 +78,26 @@ SNAPSHOT_DELETE_FLAGS = ["children", "metadata-only", "children-only"]
 SNAPSHOT_REVERT_WORDS = ["revert", "revert-running", "revert-paused", "revert-force"]
 SNAPSHOT_REVERT_MODIFIERS = ["running", "paused", "force", "reset-nvram"]
 
+# domains/<name>/disks/<target>/control (docs/disks.md): block jobs and resize.  Each word
+# takes these arguments (in brackets: optional) and modifiers; every job word also takes
+# `bandwidth=MIB_PER_S` and `wait`.  drivers/disks.py turns them into libvirt's calls.
+DISK_WORDS: dict[str, tuple[str, list[str]]] = {
+    "commit": ("[BASE] [TOP]", ["shallow", "delete", "relative"]),
+    "commit-active": ("[BASE]", ["shallow", "delete", "relative"]),
+    "pull": ("[BASE]", ["relative"]),
+    "copy": ("DEST", ["shallow", "reuse-ext"]),
+    "pivot": ("", []),
+    "abort": ("", []),
+    "resize": ("SIZE", []),
+    "wait": ("", []),
+}
+DISK_JOB_WORDS = frozenset({"commit", "commit-active", "pull", "copy"})
+# What each word's arguments are: the least and the most.
+DISK_ARGUMENTS = {"commit": (0, 2), "commit-active": (0, 1), "pull": (0, 1), "copy": (1, 1),
+                  "pivot": (0, 0), "abort": (0, 0), "resize": (1, 1), "wait": (0, 0)}
+# Block jobs that wait for `pivot` (or `abort`) once ready; the others end on their own.
+DISK_MIRROR_JOBS = frozenset({"copy", "active-commit"})
+
 
 def parse_words(value: bytes, words: list[str], what: str) -> list[str]:
     """A comma-separated list of `words`, without repeats, in the given order;

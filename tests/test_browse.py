@@ -28,7 +28,9 @@ def test_ls_R_shows_the_whole_tree(demo: Mounted) -> None:
         "./hosts/test/domains", "./hosts/test/domains/test",
         *[f"./hosts/test/domains/test/{f}"
           for f in ("state", "info", "xml", "live.xml", "job", "autostart", "control",
-                    "snapshots")],
+                    "snapshots", "disks", "disks/vda")],
+        *[f"./hosts/test/domains/test/disks/vda/{f}"
+          for f in ("xml", "live.xml", "info", "chain", "stats", "job", "control")],
         "./hosts/test/pools", "./hosts/test/pools/default-pool",
         *[f"./hosts/test/pools/default-pool/{f}"
           for f in ("state", "info", "xml", "autostart", "control", "volumes")],
@@ -81,7 +83,7 @@ def test_info_files_are_key_value_lines(demo: Mounted) -> None:
 
 def test_st_size_is_what_cat_reads(demo: Mounted) -> None:
     files = sh(f"find {demo.path} -type f").stdout.split()
-    assert len(files) == 21  # with status and domains/test/job
+    assert len(files) == 28  # with status, domains/test/job and disks/vda/*
     for name in files:
         assert os.stat(name).st_size == len(Path(name).read_bytes()), name
 

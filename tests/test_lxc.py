@@ -109,7 +109,7 @@ def test_container_define_browse_edit_undefine(both: Mounted, lxc_uri: str, qemu
     assert container not in os.listdir(both.host("qemu") / "domains")
 
     # Browse: what virsh says about it, file by file.
-    assert sorted(os.listdir(folder)) == ["autostart", "control", "info", "job",
+    assert sorted(os.listdir(folder)) == ["autostart", "control", "disks", "info", "job",
                                           "live.xml", "snapshots", "state", "xml"]
     assert (folder / "state").read_text() == "shutoff\n"
     facts = info(folder / "info")

@@ -22,7 +22,8 @@ WEB = """<domain type='test'>
   <os><type>hvm</type></os>
 </domain>
 """
-SERVED = ["autostart", "control", "info", "job", "live.xml", "snapshots", "state", "xml"]
+SERVED = ["autostart", "control", "disks", "info", "job", "live.xml", "snapshots", "state",
+          "xml"]
 
 
 @pytest.fixture

@@ -1,0 +1,151 @@
+"""Disks and block jobs on a real libvirtd running QEMU (issue 11).
+
+The seed's life cycle from a shell: a running guest's qcow2 disk, an overlay made
+beforehand with a relative backing name, a disk-only reuse-ext snapshot by mkdir, the
+chain in `chain`, `commit-active` watched in `job` until ready, `pivot`.  Each test gets
+its own small guest (tests/test_qemu_snapshots.py's fixture) and removes it afterwards.
+virsh and qemu-img only set up and check.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import expect_errno, info, run, user_error, write_file
+from test_qemu_snapshots import Guest, image, virsh
+from test_qemu_snapshots import guest as guest_fixture  # noqa: F401 (a fixture)
+
+QEMU_URI = os.environ.get("LIBVIRTFS_QEMU_URI", "")
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(not QEMU_URI, reason="LIBVIRTFS_QEMU_URI is not set: start the real "
+                                            "libvirtd with `bash contrib/qemu-testbed.sh start` "
+                                            "and set it to qemu:///system"),
+]
+
+
+@pytest.fixture
+def vm(guest_fixture: Guest) -> Guest:  # noqa: F811 (the imported fixture, by name)
+    """test_qemu_snapshots' running guest: 64 MiB, a 16 MiB qcow2 disk, its own pool."""
+    return guest_fixture
+
+
+def word(path: Path, text: str) -> None:
+    write_file(path / "control", text + "\n")
+
+
+def reused_overlay(guest: Guest, snapshot: str) -> Path:
+    """The seed's overlay: made beforehand, naming its backing file relatively, holding
+    2 MiB a job must carry (at 1 MiB/s: long enough to watch); then taken into use by a
+    disk-only reuse-ext snapshot made with mkdir."""
+    overlay = guest.pool / "overlay.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "disk.qcow2",
+        "overlay.qcow2", cwd=guest.pool)
+    # Written without opening its backing file, which the running guest holds locked.
+    run("qemu-io", "-c", "write -P 7 0 2M",
+        f'json:{{"driver": "qcow2", "file": {{"driver": "file", "filename": "{overlay}"}}, '
+        f'"backing": null}}')
+    guest.flags("disk-only,reuse-ext,atomic")
+    run("setfattr", "-n", "user.template", "-v",
+        f"<domainsnapshot><disks><disk name='vda' snapshot='external'>"
+        f"<driver type='qcow2'/><source file='{overlay}'/></disk></disks></domainsnapshot>",
+        guest.snaps)
+    run("mkdir", guest.snaps / snapshot)
+    run("setfattr", "-x", "user.template", guest.snaps)
+    return overlay
+
+
+def test_the_seeds_life_cycle_reuse_ext_then_commit_active_and_pivot(vm: Guest) -> None:
+    guest = vm
+    vda = guest.folder / "disks" / "vda"
+    assert (vda / "chain").read_text() == f"vda[1] qcow2 {guest.disk}\n"
+    overlay = reused_overlay(guest, "before-upgrade")
+
+    chain = (vda / "chain").read_text().splitlines()
+    assert [line.split()[1:] for line in chain] == [["qcow2", str(overlay)],
+                                                   ["qcow2", str(guest.disk)]]
+    assert image(overlay)["backing-filename"] == "disk.qcow2"  # relative, as made
+    assert info(vda / "info")["source"] == str(overlay)
+    assert (vda / "job").read_text() == ""
+
+    word(vda, "commit-active bandwidth=1")
+    job = info(vda / "job")
+    assert (job["type"], job["bandwidth"]) == ("active-commit", "1")
+    seen = [job]
+    deadline = time.monotonic() + 30
+    while job["ready"] != "yes":
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.2)
+        job = info(vda / "job")
+        seen.append(job)
+    assert any(int(j["percent"]) < 100 for j in seen), seen  # progress was visible
+    assert int(job["cur"]) == int(job["end"]) > 0
+    assert (vda / "control").read_text().split() == ["pivot", "abort", "wait"]
+    assert "mirror" in (vda / "live.xml").read_text()
+
+    word(vda, "pivot")
+    assert (vda / "chain").read_text() == f"vda[1] qcow2 {guest.disk}\n"
+    assert (vda / "job").read_text() == ""
+    assert info(vda / "info")["source"] == str(guest.disk)
+    assert guest.state() == "running"
+    # The 2 MiB the overlay held are in the base now.
+    assert int(info(vda / "info")["allocation"]) > 2 * 1024 * 1024
+
+
+def test_copy_abort_copy_pivot_then_pull(vm: Guest, tmp_path: Path) -> None:
+    guest = vm
+    vda = guest.folder / "disks" / "vda"
+    overlay = reused_overlay(guest, "s0")
+    # A copy that is not ready cannot be pivoted; aborted, it leaves the disk as it was.
+    word(vda, f"copy {tmp_path / 'aborted.qcow2'} bandwidth=1")
+    assert info(vda / "job")["type"] == "copy"
+    expect_errno(errno.EBUSY, word, vda, "pivot")
+    assert "not ready" in user_error(vda / "control")
+    word(vda, "abort")
+    assert (vda / "job").read_text() == ""
+    assert info(vda / "info")["source"] == str(overlay)
+
+    copy = tmp_path / "copy.qcow2"
+    word(vda, f"copy {copy} wait")  # returns once ready to pivot
+    assert info(vda / "job")["ready"] == "yes"
+    word(vda, "pivot")
+    assert info(vda / "info")["source"] == str(copy)
+    assert (vda / "chain").read_text().split()[1:] == ["qcow2", str(copy)]
+
+    # Two overlays by libvirt (disk-only snapshots), then pull everything into the top.
+    for name in ("o1", "o2"):
+        guest.flags("disk-only,atomic")
+        run("mkdir", guest.snaps / name)
+    assert len((vda / "chain").read_text().splitlines()) == 3
+    word(vda, "pull wait")
+    assert len((vda / "chain").read_text().splitlines()) == 1
+    assert (vda / "job").read_text() == ""
+    assert guest.state() == "running"
+
+
+def test_refusals_say_why_and_lose_nothing(vm: Guest) -> None:
+    guest = vm
+    vda = guest.folder / "disks" / "vda"
+    # Pivot with no job, commit-active with nothing to commit.
+    expect_errno(errno.EINVAL, word, vda, "pivot")
+    assert "does not have an active block job" in user_error(vda / "control")
+    with pytest.raises(OSError) as caught:
+        word(vda, "commit-active")
+    assert caught.value.errno in (errno.EINVAL, errno.EBUSY, errno.EOPNOTSUPP)
+    assert user_error(vda / "control")
+    # Resize of the running guest's disk: info says the new capacity.
+    word(vda, "resize 32M")
+    assert info(vda / "info")["capacity"] == str(32 * 1024 * 1024)
+    # A block job on a domain that does not run.
+    virsh("destroy", guest.name)
+    with pytest.raises(OSError) as caught:
+        word(vda, "pull")
+    assert caught.value.errno in (errno.EBUSY, errno.EOPNOTSUPP)
+    assert "not running" in user_error(vda / "control")
+    assert (vda / "chain").read_text() == f"vda qcow2 {guest.disk}\n"
+    assert "live.xml" not in os.listdir(vda)
