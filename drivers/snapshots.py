@@ -65,6 +65,13 @@ if hasattr(libvirt, "VIR_DOMAIN_SNAPSHOT_REVERT_RESET_NVRAM"):
     REVERT_MODIFIERS["reset-nvram"] = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RESET_NVRAM
 
 
+# The first libvirt that reverts to external snapshots (9.7.0).
+EXTERNAL_REVERT_VERSION = 9_007_000
+# What libvirt says when an external snapshot's overlay is no longer in the disk's chain
+# (merged with commit-active and pivot): only its metadata can go.
+MERGED_ALREADY = "could not find base disk source"
+
+
 def bits(words: list[str], table: dict[str, int]) -> int:
     """The flags for `words`; EOPNOTSUPP for a word this libvirt has no flag for."""
     value = 0
@@ -268,10 +275,29 @@ class SnapshotCalls:
         # Deleting an external snapshot merges its files back: a job.
         external = "metadata-only" not in flags and await self.connection.call(
             lambda conn: _is_external(_snapshot(conn, uuid, name)), changes=False)
-        if external:
-            await self.run_job(uuid, f"snapshot-delete {name}", delete)
-        else:
-            await self.connection.call(delete)
+        try:
+            if external:
+                await self.run_job(uuid, f"snapshot-delete {name}", delete)
+            else:
+                await self.connection.call(delete)
+        except DriverError as e:
+            if MERGED_ALREADY not in (e.strerror or ""):
+                raise
+            raise DriverError(e.errno or errno.EBUSY,
+                              f"{e.strerror}: the overlay this snapshot made is no longer in "
+                              f"the disk's chain (merged back with commit-active and pivot, "
+                              f"say), so libvirt cannot merge it; remove only the snapshot's "
+                              f"metadata: setfattr -n user.delete-flags -v metadata-only "
+                              f"snapshots, then rmdir again", e.libvirt_code) from None
+
+    async def snapshot_revertible(self, uuid: str, name: str) -> bool:
+        """Whether libvirt can revert to the snapshot: libvirt before 9.7 cannot revert to
+        an external one ("revert to external snapshot not supported yet")."""
+        def ask(conn: libvirt.virConnect) -> bool:
+            if conn.getLibVersion() >= EXTERNAL_REVERT_VERSION:
+                return True
+            return not _is_external(_snapshot(conn, uuid, name))
+        return await self.connection.call(ask, changes=False)
 
     async def revert_snapshot(self, uuid: str, name: str, word: str,
                               modifiers: list[str]) -> None:

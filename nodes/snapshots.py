@@ -296,6 +296,10 @@ class SnapshotDirectory(ObjectDirectory):
             return word((await host.snapshot_info(uuid, snap))["state"])
 
         async def words() -> list[str]:
+            # Only what libvirt will take: none for an external snapshot on a libvirt
+            # that cannot revert to one.
+            if not await host.snapshot_revertible(uuid, snap):
+                return []
             return list(SNAPSHOT_REVERT_WORDS)
 
         return [

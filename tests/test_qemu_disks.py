@@ -96,6 +96,16 @@ def test_the_seeds_life_cycle_reuse_ext_then_commit_active_and_pivot(vm: Guest) 
     # The 2 MiB the overlay held are in the base now.
     assert int(info(vda / "info")["allocation"]) > 2 * 1024 * 1024
 
+    # The snapshot's overlay is out of the chain: libvirt cannot merge it again, and
+    # rmdir says how to drop only its metadata.
+    assert (guest.snaps / "before-upgrade" / "control").read_text() == ""  # no revert
+    with pytest.raises(OSError):
+        os.rmdir(guest.snaps / "before-upgrade")
+    assert "metadata-only" in user_error(guest.snaps)
+    run("setfattr", "-n", "user.delete-flags", "-v", "metadata-only", guest.snaps)
+    run("rmdir", guest.snaps / "before-upgrade")
+    assert os.listdir(guest.snaps) == []
+
 
 def test_copy_abort_copy_pivot_then_pull(vm: Guest, tmp_path: Path) -> None:
     guest = vm
@@ -149,3 +159,49 @@ def test_refusals_say_why_and_lose_nothing(vm: Guest) -> None:
     assert "not running" in user_error(vda / "control")
     assert (vda / "chain").read_text() == f"vda qcow2 {guest.disk}\n"
     assert "live.xml" not in os.listdir(vda)
+
+
+def test_plug_a_disk_in_and_out_and_change_a_cdroms_media(vm: Guest) -> None:
+    guest = vm
+    disks = guest.folder / "disks"
+    extra = guest.pool / "extra.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", extra, "8M")
+    # A USB disk into the running guest (USB lets go without the guest's consent).
+    os.mkdir(disks / "sdb")
+    write_file(disks / "sdb" / "xml",
+               f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+               f"<source file='{extra}'/><target dev='sdb' bus='usb'/></disk>\n")
+    assert sorted(os.listdir(disks)) == ["sdb", "vda"]
+    assert info(disks / "sdb" / "info")["source"] == str(extra)
+    assert "<target dev='sdb' bus='usb'/>" in virsh("dumpxml", guest.name)
+    assert "<target dev='sdb' bus='usb'/>" in virsh("dumpxml", "--inactive", guest.name)
+    # A second folder for a target that exists is refused; a wrong target too.
+    os.mkdir(disks / "sdc")
+    expect_errno(errno.EINVAL, write_file, disks / "sdc" / "xml",
+                 f"<disk type='file'><source file='{extra}'/><target dev='sdb' bus='usb'/>"
+                 f"</disk>\n")
+    assert "must be 'sdc'" in user_error(disks / "sdc" / "xml")
+    os.rmdir(disks / "sdc")
+    run("rmdir", disks / "sdb")
+    assert os.listdir(disks) == ["vda"]
+    assert "sdb" not in virsh("dumpxml", guest.name)
+    assert "sdb" not in virsh("dumpxml", "--inactive", guest.name)
+
+    # A CD-ROM drive is added to the definition while shut off; its media is changed by
+    # writing `xml` while running.
+    virsh("destroy", guest.name)
+    iso1, iso2 = guest.pool / "one.iso", guest.pool / "two.iso"
+    for iso in (iso1, iso2):
+        iso.write_bytes(b"\0" * 2048)
+    os.mkdir(disks / "hdc")
+    cdrom = (f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+             f"<source file='{iso1}'/><target dev='hdc' bus='ide'/><readonly/></disk>\n")
+    write_file(disks / "hdc" / "xml", cdrom)
+    virsh("start", guest.name)
+    facts = info(disks / "hdc" / "info")
+    assert (facts["device"], facts["source"], facts["read-only"]) == ("cdrom", str(iso1),
+                                                                      "yes")
+    run("sed", "-i", f"s|{iso1}|{iso2}|", disks / "hdc" / "xml")
+    assert f"<source file='{iso2}'" in (disks / "hdc" / "live.xml").read_text()
+    assert f"<source file='{iso2}'" in (disks / "hdc" / "xml").read_text()
+    assert guest.state() == "running"
