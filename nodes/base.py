@@ -102,7 +102,14 @@ class Context:
 
     @staticmethod
     def now() -> float:
+        """Wall-clock time: what mtime and ctime show."""
         return time.time()
+
+    @staticmethod
+    def clock() -> float:
+        """What freshness is measured on: a clock the administrator or NTP setting the
+        wall clock back cannot stop, which would keep every rendering for ever."""
+        return time.monotonic()
 
     def rendered(self, file: QueryFile, when: float) -> None:
         """`file` keeps a fresh rendering made at `when`; the bytes of renderings that
@@ -111,7 +118,7 @@ class Context:
         not by the size of the tree."""
         renderings = self._renderings
         renderings.append((when, file))
-        expired = self.now() - self.cache_timeout
+        expired = self.clock() - self.cache_timeout
         while renderings and renderings[0][0] <= expired:
             if renderings[0][1] is file and renderings[0][0] == when:
                 break  # expired as it arrived (a slow host): its waiters take it first
@@ -352,7 +359,7 @@ class QueryFile(File):
         limit = self.ctx.cache_timeout
         if self._cache_seconds is not None:
             limit = min(limit, self._cache_seconds)
-        return self._fetched_at is not None and self.ctx.now() - self._fetched_at < limit
+        return self._fetched_at is not None and self.ctx.clock() - self._fetched_at < limit
 
     def content_now(self) -> bytes | None:
         if type(self).content is not QueryFile.content or not self.fresh():
@@ -362,7 +369,7 @@ class QueryFile(File):
     async def content(self) -> bytes:
         if self.fresh():
             return self._cached  # type: ignore[return-value]
-        asked = self.ctx.now()
+        asked = self.ctx.clock()
         async with held(self, "_lock"):  # one render at a time
             # A rendering begun after this caller asked answers it too, even if it took
             # longer than cache_timeout (a slow host): readers that came while one was
@@ -371,7 +378,7 @@ class QueryFile(File):
             if self.fresh() or (fetched_at is not None and fetched_at > asked
                                 and self._cached is not None):
                 return self._cached  # type: ignore[return-value]
-            generation, fetched_at = self._generation, self.ctx.now()
+            generation, fetched_at = self._generation, self.ctx.clock()
             try:
                 data = await self.render()
             except OSError as e:
@@ -469,7 +476,7 @@ class Directory(Node):
 
     def fresh(self) -> bool:
         return (self._scanned_at is not None
-                and self.ctx.now() - self._scanned_at < self.ctx.cache_timeout)
+                and self.ctx.clock() - self._scanned_at < self.ctx.cache_timeout)
 
     async def children(self, *, refresh: bool = False) -> dict[str, Node]:
         """File name -> node, in a stable order (by node id)."""
@@ -519,7 +526,7 @@ class Directory(Node):
         before = dict(self._told()) if self._ever_scanned else None
         listed = list(self._by_key.values())
         for _ in range(self._SCAN_ATTEMPTS):
-            generation, scanned_at = self._generation, self.ctx.now()
+            generation, scanned_at = self._generation, self.ctx.clock()
             entries = await self.scan()
             self._scan_complete = generation == self._generation
             self._adopt(entries)

@@ -62,7 +62,7 @@ class Clock:
 
 def clocked_context(clock: Clock) -> Context:
     ctx = Context(cache_timeout=1.0)
-    ctx.now = clock  # type: ignore[method-assign]
+    ctx.now = ctx.clock = clock  # type: ignore[method-assign]
     return ctx
 
 

@@ -49,7 +49,7 @@ async def test_tree_paths(testhost: Host) -> None:
 async def test_state_mtime_moves_only_when_the_state_changes(testhost: Host) -> None:
     now = [1_800_000_000.0]
     ctx = Context(cache_timeout=1.0)
-    ctx.now = lambda: now[0]  # type: ignore[method-assign]
+    ctx.now = ctx.clock = lambda: now[0]  # type: ignore[method-assign]
     host_dir = HostDirectory(ctx, testhost)
     state = await walk(host_dir, "domains/alpha/state")
     assert isinstance(state, QueryFile)
@@ -66,6 +66,23 @@ async def test_state_mtime_moves_only_when_the_state_changes(testhost: Host) -> 
     now[0] += 5
     assert await state.content() == b"paused\n"
     assert state.mtime == now[0]
+
+
+async def test_a_wall_clock_set_back_keeps_no_rendering_for_ever(testhost: Host) -> None:
+    # Freshness runs on a monotonic clock: with the wall clock, setting it back an hour
+    # (by hand or NTP) kept every rendering an hour longer, and showed a stale state.
+    wall, monotonic = [1_800_000_000.0], [1000.0]
+    ctx = Context(cache_timeout=1.0)
+    ctx.now = lambda: wall[0]  # type: ignore[method-assign]
+    ctx.clock = lambda: monotonic[0]  # type: ignore[method-assign]
+    state = await walk(HostDirectory(ctx, testhost), "domains/alpha/state")
+    assert isinstance(state, QueryFile)
+    assert await state.content() == b"running\n"
+    wall[0] -= 3600
+    await testhost.connection.call(lambda conn: conn.lookupByName("alpha").suspend())
+    monotonic[0] += 1.5
+    assert await state.content() == b"paused\n"
+    assert state.mtime == wall[0]  # mtime stays wall-clock time
 
 
 async def test_nodes_keep_identity_across_rescans_and_renames(testhost: Host) -> None:
@@ -197,7 +214,7 @@ async def test_what_is_at_hand_is_answered_at_once_and_only_that(testhost: Host)
     # None (ask the slow way) unless its answer is exactly what the slow way would give.
     now = [1_800_000_000.0]
     ctx = Context(cache_timeout=1.0)
-    ctx.now = lambda: now[0]  # type: ignore[method-assign]
+    ctx.now = ctx.clock = lambda: now[0]  # type: ignore[method-assign]
     host_dir = HostDirectory(ctx, testhost)
     domains = await walk(host_dir, "domains")
     assert isinstance(domains, Directory)
