@@ -95,6 +95,7 @@ class EventForwarder:
         self._tables = tables
         # Per connection: how to undo each registration made on it.
         self._registered: dict[libvirt.virConnect, list[tuple[Callable[[int], None], int]]] = {}
+        self._opened_before = False
 
     def _send(self, change: Change) -> None:
         if self._tables is not None:
@@ -111,12 +112,15 @@ class EventForwarder:
 
     def register(self, conn: libvirt.virConnect) -> None:
         """Called in a worker thread each time the connection opens.  Events missed while
-        the connection was down are lost, so a (re)open also says: everything may have
-        changed."""
+        the connection was down are lost, so a reopen also says: everything may have
+        changed.  The first open does not: nothing was read before it, and saying so would
+        throw away the listings made as the host is attached, and list everything again."""
         conn = counting.unwrap(conn)  # deregister() is handed the connection itself
         if conn in self._registered:
             return  # on_open and the first call may both hand over the same connection
-        self._send(Change("host", detail="connected"))
+        if self._opened_before:
+            self._send(Change("host", detail="connected"))
+        self._opened_before = True
         self._line("host", "", "connected")
         domain = (conn.domainEventRegisterAny, conn.domainEventDeregisterAny)
         network = (conn.networkEventRegisterAny, conn.networkEventDeregisterAny)
