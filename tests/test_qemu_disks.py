@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import expect_errno, info, run, user_error, write_file
+from conftest import eventually, expect_errno, info, run, user_error, write_file
 from test_qemu_snapshots import Guest, image, virsh
 from test_qemu_snapshots import guest as guest_fixture  # noqa: F401 (a fixture)
 
@@ -205,3 +205,17 @@ def test_plug_a_disk_in_and_out_and_change_a_cdroms_media(vm: Guest) -> None:
     assert f"<source file='{iso2}'" in (disks / "hdc" / "live.xml").read_text()
     assert f"<source file='{iso2}'" in (disks / "hdc" / "xml").read_text()
     assert guest.state() == "running"
+
+
+def test_block_job_events_refresh_chain_and_job_at_once(vm: Guest, mount_factory) -> None:
+    """A commit done outside the mount (virsh) shows in `chain` as soon as libvirt's
+    BLOCK_JOB_2 event comes, not after the cache time (a minute here)."""
+    guest = vm
+    slow = mount_factory(f"lab={QEMU_URI}", options="cache_timeout=60", name="slow")
+    vda = slow.host("lab") / "domains" / guest.name / "disks" / "vda"
+    virsh("snapshot-create-as", guest.name, "ext", "--disk-only", "--atomic")
+    assert len((vda / "chain").read_text().splitlines()) == 2
+    assert (vda / "job").read_text() == ""
+    virsh("blockcommit", guest.name, "vda", "--active", "--pivot", "--wait")
+    eventually(lambda: (vda / "chain").read_text() == f"vda[1] qcow2 {guest.disk}\n")
+    eventually(lambda: info(vda / "info")["source"] == str(guest.disk))
