@@ -78,7 +78,8 @@ VALID_WORDS = {
 # The words the machine writes, and the state each leaves a test-driver domain in.
 STATE_AFTER = {"start": "running", "destroy": "shutoff", "suspend": "paused",
                "resume": "running", "shutdown": "shutoff", "managed-save": "shutoff"}
-SERVED = {"state", "info", "xml", "live.xml", "job", "autostart", "control", "snapshots"}
+SERVED = {"state", "info", "xml", "live.xml", "job", "autostart", "control", "snapshots",
+          "disks"}
 SNAPSHOT_SERVED = {"xml", "state", "info", "control"}
 
 SEED = """<domain type='test'>

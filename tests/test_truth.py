@@ -268,8 +268,8 @@ def test_a_domain_defined_anew_elsewhere_shows_whole(elsewhere) -> None:
     write_file(theirs / "web/xml", VM.format(name="web"))
     folder = mine / "web"
     eventually(lambda: _assert(folder.exists()))
-    full = ["autostart", "control", "info", "job", "live.xml", "snapshots", "state",
-            "xml"]
+    full = ["autostart", "control", "disks", "info", "job", "live.xml", "snapshots",
+            "state", "xml"]
     assert sorted(os.listdir(folder)) == full
     assert (folder / "state").read_text() == "shutoff\n"
     assert "start" in (folder / "control").read_text()
@@ -370,8 +370,8 @@ def test_undefine_and_define_elsewhere_never_shows_half_a_folder(
     folder = mounted.host("lab") / "domains" / name
     _virsh(qemu_uri, "define", document)
     eventually(lambda: _assert(folder.exists()), timeout=3)
-    full = ["autostart", "control", "info", "job", "live.xml", "snapshots", "state",
-            "xml"]
+    full = ["autostart", "control", "disks", "info", "job", "live.xml", "snapshots",
+            "state", "xml"]
     assert sorted(os.listdir(folder)) == full
     assert (folder / "state").read_text() == "shutoff\n"
     assert "start" in (folder / "control").read_text()

@@ -47,8 +47,8 @@ def test_mkdir_and_cp_define_a_domain(web: Path) -> None:
     assert (web / "state").read_text() == "shutoff\n"
     assert (web / "xml").read_text() == WEB  # read-your-writes: the bytes as written
     assert info(web / "info")["memory"] == "131072"
-    assert sorted(os.listdir(web)) == ["autostart", "control", "info", "job", "live.xml",
-                                      "snapshots", "state", "xml"]
+    assert sorted(os.listdir(web)) == ["autostart", "control", "disks", "info", "job",
+                                      "live.xml", "snapshots", "state", "xml"]
     assert os.stat(web / "xml").st_size == len(WEB)
 
 
@@ -120,8 +120,8 @@ def test_vim_edits_in_place(web: Path) -> None:
                  web / "xml", check=False, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert info(web / "info")["max-memory"] == "196608"
-    assert sorted(os.listdir(web)) == ["autostart", "control", "info", "job", "live.xml",
-                                      "snapshots", "state", "xml"]
+    assert sorted(os.listdir(web)) == ["autostart", "control", "disks", "info", "job",
+                                      "live.xml", "snapshots", "state", "xml"]
 
 
 def test_metadata_changes_are_accepted_harmlessly(web: Path) -> None:
