@@ -23,6 +23,7 @@ from typing import IO
 import trio
 
 from libvirtfs.drivers.statedir import default_state_dir, private_folder
+from libvirtfs.mount import systemd
 from libvirtfs.mount.config import ConfigError, check_unique, load_config, parse_host
 from libvirtfs.mount.options import MountOptions, OptionError
 from libvirtfs.mount.serve import StartupError, serve
@@ -30,6 +31,7 @@ from libvirtfs.mount.serve import StartupError, serve
 log = logging.getLogger("libvirtfs")
 
 READY = b"ready\n"
+SYSLOG = "/dev/log"
 
 # Where `kill -USR1` writes the stacks of every thread; kept open for the process's life.
 _dump_file: IO[str] | None = None
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH",
                         help="a TOML file of hosts to mount, one [[host]] table each (name, "
                              "uri, timeout, keepalive_interval, keepalive_count, read_only, "
-                             "credentials): "
+                             "credentials), and a [mount] table (options: as -o); read again "
+                             "on SIGHUP: "
                              "see docs/hosts.md")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground")
@@ -72,16 +75,23 @@ def setup_logging(args: argparse.Namespace, background: bool) -> None:
     level = logging.DEBUG if args.debug else logging.INFO
     if args.log_file:
         handler: logging.Handler = logging.FileHandler(args.log_file)
-    elif background and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log")
+    elif background and os.path.exists(SYSLOG):
+        handler = logging.handlers.SysLogHandler(SYSLOG)
     elif background:
         path = private_folder(default_state_dir()) / "libvirtfs.log"
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         handler = logging.FileHandler(path)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s libvirtfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    if isinstance(handler, logging.handlers.SysLogHandler):
+        # syslog stamps the time itself and takes "TAG[PID]:" as who is speaking.
+        handler.setFormatter(logging.Formatter(
+            "libvirtfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    elif not background and not args.log_file and systemd.stderr_is_journal():
+        handler.setFormatter(systemd.JournalFormatter())  # -f in a service unit
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s libvirtfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -143,9 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     *uris, mountpoint = args.targets
     specs = [parse_host(text) for text in uris]
+    config = None
     try:
         if args.config:
-            specs += load_config(args.config)
+            args.config = os.path.abspath(args.config)  # read again on SIGHUP, from /
+            config = load_config(args.config)
+            specs += config.hosts
+            options = MountOptions()  # the file's [mount] options first, -o's win
+            for text in [config.options, *args.options]:
+                options.add(text)
         check_unique(specs)
     except ConfigError as e:
         print(f"libvirtfs: {e}", file=sys.stderr)
@@ -172,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.dup2(devnull.fileno(), sys.stderr.fileno())
 
     try:
-        trio.run(serve, specs, mountpoint, options, ready)
+        trio.run(serve, specs, mountpoint, options, ready,
+                 (args.config, config) if config is not None else None)
     except StartupError as e:
         if ready_pipe is not None and not ready_pipe.closed:
             log.error("%s", e)

@@ -9,8 +9,12 @@
     read_only = true                       # EROFS for every change under it (default: -o ro)
     credentials = "/etc/libvirtfs/lab.cred"  # user name and password for SASL (mode 0600)
 
+    [mount]
+    options = "allow_other,timeout=10"     # as -o, before the command line's -o (which win)
+
 A mistake in the file is one line naming the file, the table and the key: an unknown key
-or a wrong type is an error, not a silently ignored setting.
+or a wrong type is an error, not a silently ignored setting.  `[mount]` is what a service
+unit per mount needs (contrib/systemd/libvirtfs@.service): the whole mount in one file.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from libvirtfs.drivers.connection import DEFAULT_KEEPALIVE
-from libvirtfs.mount.options import MAX_SECONDS
+from libvirtfs.mount.options import MAX_SECONDS, MountOptions, OptionError
 
 # A keepalive interval or count beyond this is a typo (libvirt takes an int).
 MAX_KEEPALIVE = 3600
@@ -61,6 +65,13 @@ def parse_host(text: str) -> HostSpec:
     return HostSpec(None, text or None)
 
 
+def short_name(hostname: str, driver: str) -> str:
+    """The folder of a host given no name: its hostname up to the first dot."""
+    if driver.lower() == "test":
+        return "test"
+    return hostname.split(".")[0] or "host"
+
+
 def check_name(name: str, where: str) -> str:
     """A host name is a folder name under hosts/."""
     if (not name or "/" in name or "\0" in name or name in (".", "..")
@@ -71,10 +82,19 @@ def check_name(name: str, where: str) -> str:
 
 _KEYS = {"name", "uri", "timeout", "keepalive_interval", "keepalive_count", "read_only",
          "credentials"}
+_MOUNT_KEYS = {"options"}
 
 
-def load_config(path: str | Path) -> list[HostSpec]:
-    """The `[[host]]` tables of a TOML file, in order."""
+@dataclass
+class Config:
+    """A config file: its hosts in order, and its `[mount]` options (as `-o` takes them)."""
+
+    hosts: list[HostSpec]
+    options: str = ""
+
+
+def load_config(path: str | Path) -> Config:
+    """The `[mount]` table and the `[[host]]` tables of a TOML file."""
     try:
         with open(path, "rb") as f:
             text = f.read(MAX_CONFIG_BYTES + 1)
@@ -89,17 +109,34 @@ def load_config(path: str | Path) -> list[HostSpec]:
     except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib lets this one through
         raise ConfigError(f"config file {path} is not valid TOML: it is not UTF-8 "
                           f"(byte {e.start + 1} is {e.object[e.start]:#04x})") from None
-    unknown = sorted(set(document) - {"host"})
+    unknown = sorted(set(document) - {"host", "mount"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (the file holds [[host]] "
-                          f"tables only)")
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (the file holds a [mount] "
+                          f"table and [[host]] tables only)")
     tables = document.get("host", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path}: 'host' must be tables written [[host]], one per host")
     specs = [_host(table, f"{path}: host {n}", Path(path).parent)
              for n, table in enumerate(tables, 1)]
     check_unique(specs)
-    return specs
+    return Config(specs, _mount_options(document.get("mount", {}), f"{path}: [mount]"))
+
+
+def _mount_options(table: Any, where: str) -> str:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, written [mount] on a line of its own")
+    unknown = sorted(set(table) - _MOUNT_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; the keys are "
+                          f"{', '.join(sorted(_MOUNT_KEYS))}")
+    if "options" not in table:
+        return ""
+    text = _typed(table, "options", str, 'a string of -o options ("ro,allow_other")', where)
+    try:
+        MountOptions().add(text)
+    except OptionError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return text
 
 
 def _host(table: dict[str, Any], where: str, folder: Path) -> HostSpec:

@@ -2,12 +2,14 @@
 
 Order matters: connect to every host first (a bad URI must fail before anything is
 mounted), then mount, attach the hosts (events, reconnecting: the same path a host added
-by `mkdir` + `uri` takes), then report readiness, then serve until unmounted or signalled.
+by `mkdir` + `uri` takes), then report readiness, then serve until unmounted or signalled
+(SIGHUP reads `--config` again instead: mount/reload.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -20,8 +22,18 @@ import trio
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.events import Change, EventForwarder
 from libvirtfs.drivers.host import Host
-from libvirtfs.mount.config import ConfigError, HostSpec, check_name, check_unique, parse_host
+from libvirtfs.mount import systemd
+from libvirtfs.mount.config import (
+    Config,
+    ConfigError,
+    HostSpec,
+    check_name,
+    check_unique,
+    parse_host,
+    short_name,
+)
 from libvirtfs.mount.options import MountOptions
+from libvirtfs.mount.reload import ConfigReloader
 from libvirtfs.nodes.base import Context
 from libvirtfs.nodes.hosts import HostDirectory, HostsDirectory, RootDirectory
 from libvirtfs.vfs.operations import MAX_FUSE_TASKS, Operations
@@ -37,12 +49,6 @@ __all__ = ["HostSpec", "StartupError", "parse_host", "serve"]
 
 class StartupError(Exception):
     """Why the mount could not be brought up; one line for the user."""
-
-
-def _short_name(hostname: str, driver: str) -> str:
-    if driver.lower() == "test":
-        return "test"
-    return hostname.split(".")[0] or "host"
 
 
 def host_settings(spec: HostSpec, options: MountOptions) -> tuple[float, bool]:
@@ -82,7 +88,7 @@ async def connect_hosts(specs: list[HostSpec], options: MountOptions
     for spec in specs:
         try:
             host = await open_host(spec, options)
-            name = spec.name or _short_name(await host.hostname(), await host.driver_type())
+            name = spec.name or short_name(await host.hostname(), await host.driver_type())
         except OSError as e:
             for _, opened, _ in hosts:
                 await opened.connection.close()
@@ -104,6 +110,13 @@ async def connect_hosts(specs: list[HostSpec], options: MountOptions
 
 
 def check_mountpoint(path: str) -> None:
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # a FUSE mount whose process died (kill -9, a crash)
+            raise StartupError(f"mount point {path} is a mount whose filesystem process is "
+                               f"gone ({e.strerror}): fusermount3 -uz {path}, then mount "
+                               f"again") from None
     if not os.path.exists(path):
         raise StartupError(f"mount point {path} does not exist")
     if not os.path.isdir(path):
@@ -154,7 +167,10 @@ class Mount:
     # -- HostLifecycle -----------------------------------------------------------------
 
     async def connect(self, name: str, uri: str) -> tuple[Host, bool]:
-        spec = HostSpec(name, uri)
+        return await self.connect_spec(HostSpec(name, uri))
+
+    async def connect_spec(self, spec: HostSpec) -> tuple[Host, bool]:
+        """A connected host as `spec` says (`uri` written, a config file reloaded)."""
         host = await open_host(spec, self.options)
         return host, host_settings(spec, self.options)[1]
 
@@ -220,12 +236,30 @@ def _stop(operations: Operations) -> None:
     pyfuse3.terminate()
 
 
-async def _stop_on_signals(operations: Operations) -> None:
+async def _on_signals(operations: Operations, reloader: ConfigReloader | None,
+                      nursery: trio.Nursery) -> None:
+    """SIGINT and SIGTERM unmount; SIGHUP reloads `--config` (in a task of its own, so
+    that a host slow to connect does not hold up a SIGTERM)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                if reloader is None:
+                    log.info("received SIGHUP: nothing to reload (mounted without --config)")
+                else:
+                    nursery.start_soon(_reload, reloader)
+                continue
             log.info("received %s, unmounting", signal.Signals(signum).name)
+            systemd.notify("STOPPING=1")
             _stop(operations)
             return
+
+
+async def _reload(reloader: ConfigReloader) -> None:
+    systemd.notify("RELOADING=1")
+    try:
+        await reloader.reload()
+    finally:
+        systemd.notify("READY=1")
 
 
 def _mount_id(mountpoint: str) -> str | None:
@@ -259,10 +293,16 @@ async def _stop_when_detached(mountpoint: str, mount: Mount) -> None:
 
 
 async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
-                ready: Callable[[], None]) -> None:
+                ready: Callable[[], None], config: tuple[str, Config] | None = None) -> None:
+    """`config` is `--config`'s path and what it held, for SIGHUP; its hosts are among
+    `specs` (after those of the command line)."""
     check_mountpoint(mountpoint)
     hosts = await connect_hosts(specs, options)
     mount = Mount(options)
+    reloader = None
+    if config is not None:
+        path, loaded = config
+        reloader = ConfigReloader(path, loaded, mount)
     try:
         pyfuse3.init(mount.operations, mountpoint, options.fuse)
     except RuntimeError as e:
@@ -273,10 +313,16 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
         async with trio.open_nursery() as nursery:
             await nursery.start(mount.run)
             await mount.add_hosts(hosts)
-            nursery.start_soon(_stop_on_signals, mount.operations)
+            if reloader is not None:
+                shown = mount.hosts_directory.host_directories()
+                count = len(config[1].hosts) if config is not None else 0
+                reloader.started(specs[len(specs) - count:],
+                                 [shown[name] for name, _, _ in hosts[len(hosts) - count:]])
+            nursery.start_soon(_on_signals, mount.operations, reloader, nursery)
             nursery.start_soon(_stop_when_detached, mountpoint, mount)
             nursery.start_soon(mount.operations.kernel_cache.run)
             ready()
+            systemd.notify("READY=1")
             log.info("mounted %s at %s", ", ".join(name for name, _, _ in hosts), mountpoint)
             await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)
             log.debug("FUSE main loop ended")

@@ -337,6 +337,16 @@ class HostsDirectory(Directory):
             raise fs_error(errno.EBUSY, f"{node.path} is being connected now")
         if not node.pending:
             node.guard.check_rmdir(node.path, "a connected host")
+        await self.disconnect(node)
+
+    async def disconnect(self, node: HostDirectory) -> None:
+        """Take a host's folder out of hosts/: rmdir's work once its checks passed, and a
+        reload's for a host gone from the config file (mount/reload.py).  Only the
+        connection goes; libvirt is asked nothing."""
+        name = node.name
+        if node.connecting:
+            raise fs_error(errno.EBUSY, f"{node.path} is being connected now")
+        if not node.pending:
             assert node.host is not None
             busy = node.host.busy_with()
             if busy:
@@ -351,6 +361,8 @@ class HostsDirectory(Directory):
         if self._by_name.get(name) is node:
             del self._by_name[name]
             node.removed = True
+            node.vanish()  # whoever is inside: ENOENT from now on, as after an rmdir
+            self.ctx.entry_changed(self, name, node)  # the kernel did not see it go
         self.touch()
 
     async def rename(self, name: str, target: Directory, new_name: str, *,

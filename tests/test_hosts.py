@@ -130,6 +130,10 @@ def test_per_host_timeout_overrides_the_mount_option(mount_factory, tmp_path: Pa
     ('[host]\nuri = "test:///default"\n', "'host' must be tables written [[host]]"),
     ('hosts = 1\n', "unknown key 'hosts'"),
     ('[[host]\n', "is not valid TOML"),
+    ('[mount]\noptions = "ro,frobnicate"\n',
+     "hosts.toml: [mount]: unknown mount option 'frobnicate'"),
+    ('[mount]\nmountpoint = "/mnt/virt"\n', "hosts.toml: [mount]: unknown key 'mountpoint'"),
+    ('[mount]\noptions = ["ro"]\n', "hosts.toml: [mount]: 'options' must be a string"),
 ])
 def test_a_bad_config_file_is_a_one_line_error(tmp_path: Path, text: str,
                                                message: str) -> None:
@@ -159,11 +163,113 @@ def test_a_name_in_the_file_and_on_the_command_line_is_an_error(tmp_path: Path) 
     assert "cannot read config file" in missing.stderr and "No such file" in missing.stderr
 
 
+def test_the_files_mount_options_come_before_the_command_lines(mount_factory,
+                                                              tmp_path: Path) -> None:
+    config = tmp_path / "virt.toml"
+    config.write_text(f'[mount]\noptions = "ro,timeout=5"\n\n[[host]]\nuri = "{DEMO}"\n')
+    read_only = mount_factory(extra=("--config", str(config)), name="ro")
+    assert "ro" in sh(f"findmnt -n -o OPTIONS {read_only.path}").stdout.split(",")
+    expect_errno(errno.EROFS, os.mkdir, read_only.host() / "domains/new")
+    writable = mount_factory(extra=("--config", str(config)), options="rw", name="rw")
+    assert "rw" in sh(f"findmnt -n -o OPTIONS {writable.path}").stdout.split(",")
+
+
 def test_a_derived_name_steps_around_the_names_given(mount_factory, tmp_path: Path) -> None:
     config = tmp_path / "hosts.toml"
     config.write_text(f'[[host]]\nname = "test"\nuri = "{DEMO}"\n')
     mounted = mount_factory(DEMO, extra=("--config", str(config)))
     assert hosts(mounted) == ["test", "test-2"]
+
+
+# -- SIGHUP: reading the config file again ------------------------------------------------
+
+
+def hup(mounted: Mounted) -> None:
+    """`kill -HUP PID`, then wait until the mount says it reloaded (or why not)."""
+    def done() -> int:
+        return sum("reloaded " in line or "nothing changed" in line
+                   for line in mounted.log().splitlines())
+    before = done()
+    sh(f"kill -HUP {mounted.process.pid}")
+    wait_for(lambda: done() > before, timeout=30)
+
+
+@pytest.fixture
+def other_host(tmp_path: Path) -> str:
+    """A test:/// host of its own, with one domain `other`."""
+    path = tmp_path / "other.xml"
+    path.write_text("<node><domain type='test'><name>other</name><memory>65536</memory>"
+                    "<vcpu>1</vcpu><os><type>hvm</type></os></domain></node>")
+    return f"test://{path}"
+
+
+def test_sighup_adds_removes_and_reconnects_the_config_files_hosts(
+        mount_factory, tmp_path: Path, other_host: str) -> None:
+    config = tmp_path / "hosts.toml"
+    config.write_text(f'[[host]]\nname = "lab"\nuri = "{DEMO}"\n\n'
+                      f'[[host]]\nname = "archive"\nuri = "{DEMO}"\n\n'
+                      f'[[host]]\nname = "gone"\nuri = "{DEMO}"\n')
+    mounted = mount_factory(DEMO, extra=("--config", str(config)))
+    assert hosts(mounted) == ["archive", "gone", "lab", "test"]
+    os.rmdir(mounted.host("gone"))  # an rmdir lasts until the file is read again
+
+    config.write_text(f'[[host]]\nname = "lab"\nuri = "{other_host}"\n\n'
+                      f'[[host]]\nname = "second"\nuri = "{DEMO}"\n\n'
+                      f'[[host]]\nname = "gone"\nuri = "{DEMO}"\n\n'
+                      f'[[host]]\nuri = "{DEMO}"\n')
+    hup(mounted)
+    # archive went (libvirt untouched), second is new, lab points elsewhere now, gone is
+    # back, and the unnamed table steps around the command line's test.
+    assert hosts(mounted) == ["gone", "lab", "second", "test", "test-2"]
+    assert os.listdir(mounted.host("lab") / "domains") == ["other"]
+    assert (mounted.host("lab") / "uri").read_text() == other_host + "\n"
+    for name in ("gone", "lab", "second", "test", "test-2"):
+        assert (mounted.host(name) / "status").read_text() == "connected\n"
+    assert mounted.process.poll() is None and os.path.ismount(mounted.path)
+    assert run("virsh", "-c", DEMO, "domstate", "test").stdout.strip() == "running"
+
+
+def test_sighup_applies_a_hosts_changed_options(mount_factory, tmp_path: Path) -> None:
+    config = tmp_path / "hosts.toml"
+    config.write_text(f'[[host]]\nname = "lab"\nuri = "{DEMO}"\nread_only = true\n')
+    mounted = mount_factory(extra=("--config", str(config)))
+    xml = mounted.host("lab") / "domains/test/xml"
+    assert os.stat(xml).st_mode & 0o222 == 0
+    config.write_text(f'[[host]]\nname = "lab"\nuri = "{DEMO}"\ntimeout = 5\n')
+    hup(mounted)
+    wait_for(lambda: os.stat(xml).st_mode & 0o200)
+    assert "hosts/lab connected again" in mounted.log()
+
+
+def test_a_bad_config_file_on_sighup_changes_nothing(mount_factory, tmp_path: Path) -> None:
+    config = tmp_path / "hosts.toml"
+    config.write_text(f'[[host]]\nname = "lab"\nuri = "{DEMO}"\n')
+    mounted = mount_factory(DEMO, extra=("--config", str(config)))
+    for text, why in [
+            ("[[host]\n", "is not valid TOML"),
+            (f'[[host]]\nname = "lab"\nuri = "{DEMO}"\ncolour = "red"\n', "unknown key 'colour'"),
+            # The command line's host is not the file's to replace; nor is lab removed.
+            (f'[[host]]\nname = "test"\nuri = "{DEMO}"\n',
+             "hosts/test is a host of the command line or of mkdir")]:
+        config.write_text(text)
+        hup(mounted)
+        assert why in mounted.log().splitlines()[-1]
+        assert mounted.log().splitlines()[-1].endswith("nothing changed")
+        assert hosts(mounted) == ["lab", "test"]
+    # A host that cannot be connected is logged, and keeps its folder as it was.
+    config.write_text('[[host]]\nname = "lab"\nuri = "nosuchdriver:///x"\n')
+    hup(mounted)
+    assert "cannot connect to nosuchdriver:///x" in mounted.log()
+    assert hosts(mounted) == ["lab", "test"]
+    assert (mounted.host("lab") / "uri").read_text() == DEMO + "\n"
+    assert (mounted.host("lab") / "domains/test/state").read_text() == "running\n"
+
+
+def test_sighup_without_a_config_file_only_says_so(mount_factory) -> None:
+    mounted = mount_factory(DEMO)
+    sh(f"kill -HUP {mounted.process.pid}")
+    wait_for(lambda: "nothing to reload (mounted without --config)" in mounted.log())
+    assert (mounted.host() / "domains/test/state").read_text() == "running\n"
 
 
 # -- adding and removing hosts while mounted ---------------------------------------------
