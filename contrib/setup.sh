@@ -12,6 +12,7 @@ PACKAGES=(
     rsync nodejs                                   # recursive deletes and restores the tests try
     procps                                         # pgrep, with which tests find processes
     strace                                         # how many requests ls -l makes (test_xattrs)
+    systemd                                        # systemd-analyze verify of contrib/systemd's unit (nothing is started)
 )
 
 missing=()
