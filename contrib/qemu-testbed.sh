@@ -6,8 +6,10 @@
 #   contrib/qemu-testbed.sh start          virtlogd + libvirtd; prints qemu:///system
 #                                          (the same daemon serves lxc:///system)
 #   contrib/qemu-testbed.sh start-second   2nd libvirtd (migration target); prints its URI
-#   contrib/qemu-testbed.sh stop           stop everything this script started
+#   contrib/qemu-testbed.sh stop           stop everything this script started, put
+#                                          qemu.conf back as it was before install
 #   contrib/qemu-testbed.sh status         print what runs
+#   contrib/qemu-testbed.sh changes        say what start and start-second change
 #
 # Every subcommand is idempotent.  Needs root.  Loopback only: the second daemon
 # listens on 127.0.0.1:16510 without authentication, nothing else listens.
@@ -20,7 +22,13 @@ SECOND_URI="qemu+tcp://127.0.0.1:${SECOND_PORT}/system"
 SECOND_HOSTNAME="libvirtfs-second"
 
 STATE_DIR="${LIBVIRTFS_TESTBED_STATE:-/var/lib/libvirtfs-testbed}"
-RUN_DIR="/run/libvirtfs-testbed"        # markers: which daemons *we* started
+# Both can be moved, and qemu.conf too, to try install and stop on files of one's own
+# (tests/test_testbed.py) without touching the daemons that run.
+RUN_DIR="${LIBVIRTFS_TESTBED_RUN:-/run/libvirtfs-testbed}"   # which daemons *we* started
+QEMU_CONF="${LIBVIRTFS_TESTBED_QEMU_CONF:-/etc/libvirt/qemu.conf}"
+QEMU_CONF_ORIGINAL="$STATE_DIR/qemu.conf.original"   # as it was before the first install
+QEMU_CONF_ABSENT="$STATE_DIR/qemu.conf.absent"       # (or: there was none)
+QEMU_CONF_SET="$STATE_DIR/qemu.conf.set"             # as install left it
 SECOND_DIR="$STATE_DIR/second"          # private state of the second daemon
 SECOND_PIDFILE="$RUN_DIR/libvirtd-second.pid"
 SECOND_LOG="$SECOND_DIR/log/libvirtd.log"   # its /var/log/libvirt/libvirtd.log
@@ -145,6 +153,50 @@ configure_qemu_conf() {
     unset_conf "$f" migration_address
 }
 
+# Keep qemu.conf as it was before the test bed's first change, once: a later install
+# (every start runs one) must not take the test bed's settings for the original.
+keep_qemu_conf() {
+    [[ -e $QEMU_CONF_ORIGINAL || -e $QEMU_CONF_ABSENT ]] && return 0
+    if [[ -e $QEMU_CONF ]]; then
+        cp -p "$QEMU_CONF" "$QEMU_CONF_ORIGINAL"
+    else
+        : >"$QEMU_CONF_ABSENT"
+    fi
+}
+
+# Put qemu.conf back, unless someone changed it since install set it (their change
+# stays, and so does the copy of the original, which the message names).
+restore_qemu_conf() {
+    [[ -e $QEMU_CONF_ORIGINAL || -e $QEMU_CONF_ABSENT ]] || return 0
+    if [[ -e $QEMU_CONF_SET ]] && ! cmp -s "$QEMU_CONF" "$QEMU_CONF_SET"; then
+        log "$QEMU_CONF changed since install set it; left as it is (the original: $QEMU_CONF_ORIGINAL)"
+        return 0
+    fi
+    if [[ -e $QEMU_CONF_ABSENT ]]; then
+        rm -f "$QEMU_CONF" "$QEMU_CONF_ABSENT"
+    else
+        cp -p "$QEMU_CONF_ORIGINAL" "$QEMU_CONF"
+        rm -f "$QEMU_CONF_ORIGINAL"
+    fi
+    rm -f "$QEMU_CONF_SET"
+    log "put $QEMU_CONF back as it was before install"
+}
+
+cmd_changes() {
+    cat <<CHANGES_EOF
+What the QEMU test bed changes on this machine (contrib/qemu-testbed.sh, docs/testbed.md):
+  - installs packages if missing (${PACKAGES[*]}) and the libvirt-qemu user and group; they stay
+  - $QEMU_CONF: user and group "root", security_driver "none", cgroup_controllers [ ],
+    remember_owner 0, migration_host and migration_address commented out; 'stop' puts the
+    file back as it was (a copy is kept in $STATE_DIR)
+  - starts virtlogd and libvirtd (qemu:///system, lxc:///system) unless one runs already;
+    'stop' stops them and their guests
+  - start-second: a second libvirtd for migration tests that accepts UNAUTHENTICATED
+    connections on 127.0.0.1:$SECOND_PORT (loopback only, but any local user reaches it as
+    root) while it runs; 'stop' stops it
+CHANGES_EOF
+}
+
 # ---------------------------------------------------------------- install
 
 cmd_install() {
@@ -179,7 +231,9 @@ cmd_install() {
     id libvirt-qemu >/dev/null 2>&1 || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
 
     mkdir -p /var/log/libvirt /run/libvirt /var/lib/libvirt/images "$STATE_DIR" "$RUN_DIR"
-    configure_qemu_conf /etc/libvirt/qemu.conf
+    keep_qemu_conf
+    configure_qemu_conf "$QEMU_CONF"
+    cp -p "$QEMU_CONF" "$QEMU_CONF_SET"
 }
 
 # ---------------------------------------------------------------- primary
@@ -346,6 +400,7 @@ cmd_stop() {
     fi
     rm -f "$LIBVIRTD_PIDFILE"
     stop_pid "$VIRTLOGD_PIDFILE" virtlogd
+    restore_qemu_conf
     echo "stopped"
 }
 
@@ -378,5 +433,6 @@ case "${1:-}" in
     stop)         cmd_stop ;;
     stop-second)  cmd_stop_second ;;
     status)       cmd_status ;;
-    *)            die "usage: $0 install|start|start-second|stop-second|stop|status" ;;
+    changes)      cmd_changes ;;
+    *)            die "usage: $0 install|start|start-second|stop-second|stop|status|changes" ;;
 esac
