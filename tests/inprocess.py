@@ -31,13 +31,14 @@ class _Collect(logging.Handler):
 
 
 async def _no_signals(*args: object) -> None:
-    """serve() listens for SIGTERM; only the main thread may, and the test owns that one."""
+    """serve() listens for SIGTERM and SIGHUP; only the main thread may, and the test
+    owns that one."""
     await trio.sleep_forever()
 
 
 def allow_in_a_thread(monkeypatch) -> None:
     """serve() may run outside the main thread (only there can it take signals)."""
-    monkeypatch.setattr(serve_module, "_stop_on_signals", _no_signals)
+    monkeypatch.setattr(serve_module, "_on_signals", _no_signals)
 
 
 class InProcessMount:
