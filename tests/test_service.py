@@ -4,8 +4,11 @@ recovery).  SIGHUP's reload of `--config` is in test_hosts.py."""
 
 from __future__ import annotations
 
+import argparse
 import errno
+import faulthandler
 import grp
+import logging
 import os
 import shlex
 import shutil
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, eventually, run, sh, start_mount
+
+from libvirtfs.mount import cli
 
 UNIT = REPO / "contrib/systemd/libvirtfs@.service"
 FSTAB = REPO / "contrib/systemd/fstab.example"
@@ -231,3 +236,28 @@ def test_a_killed_process_gives_enotconn_at_once_and_fusermount_uz_recovers(
         if mounted.process.poll() is None:
             mounted.process.kill()
         run("fusermount3", "-uz", mnt, check=False)
+
+
+def test_a_background_mounts_syslog_lines_name_libvirtfs_as_their_tag(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """syslog takes what comes before the first colon for the program's name, and stamps
+    the time itself: a line must not begin with a timestamp.  (This machine has no
+    /dev/log, so the test's own socket stands in for it, in this process.)"""
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(str(tmp_path / "log"))
+    syslog.settimeout(5)
+    monkeypatch.setattr(cli, "SYSLOG", str(tmp_path / "log"))
+    monkeypatch.setenv("LIBVIRTFS_STATE_DIR", str(tmp_path / "state"))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        cli.setup_logging(argparse.Namespace(debug=False, log_file=None), background=True)
+        logging.getLogger("libvirtfs.mount.serve").warning("host lab lost")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = handlers, level
+        faulthandler.unregister(signal.SIGUSR1)
+    # <12>: facility user (1 * 8) + warning (4).
+    assert syslog.recv(4096) == (f"<12>libvirtfs[{os.getpid()}]: WARNING "
+                                 f"libvirtfs.mount.serve: host lab lost\0").encode()
