@@ -194,6 +194,8 @@ What the QEMU test bed changes on this machine (contrib/qemu-testbed.sh, docs/te
   - start-second: a second libvirtd for migration tests that accepts UNAUTHENTICATED
     connections on 127.0.0.1:$SECOND_PORT (loopback only, but any local user reaches it as
     root) while it runs; 'stop' stops it
+  - tests/test_transports.py starts its own sshd (key authentication) and libvirtd (TLS, SASL)
+    on loopback ports while it runs, and stops them
 CHANGES_EOF
 }
 

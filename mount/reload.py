@@ -4,8 +4,8 @@ The config file says which of the mount's hosts it brings: after a reload, each 
 table is one folder under hosts/ (connected again if an rmdir took it away, or if it could
 not be connected at the last load), a table that went takes its folder away as
 `rmdir hosts/NAME` would (libvirt is never asked to change anything), and a table whose URI,
-timeout, keepalive, read_only or credentials changed is connected anew under the same name.  Hosts of the
-command line and those made by `mkdir` are the user's: a reload never touches them.
+timeout, keepalive, read_only or credentials changed is connected anew under the same name.
+Hosts of the command line and those made by `mkdir` are the user's: a reload never touches them.
 
 A file that cannot be read, or that names a folder held by such a host, changes nothing;
 a host that cannot be connected is logged and left as it was, and the others are applied.
