@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from libvirtfs.mount import cli
 UNIT = REPO / "contrib/systemd/libvirtfs@.service"
 FSTAB = REPO / "contrib/systemd/fstab.example"
 STATE = "hosts/test/domains/test/state"
+LIBVIRTFS = [sys.executable, "-m", "libvirtfs.mount.cli"]
 
 
 def unit_service_section() -> dict[str, str]:
@@ -74,7 +76,10 @@ def test_the_units_commands_mount_notify_reload_and_restart(tmp_path: Path) -> N
         line = (service[key].replace("%i", "virt").replace("$MAINPID", str(pid))
                 .replace("/etc/libvirtfs/", f"{tmp_path}/etc/")
                 .replace("/mnt/", f"{tmp_path}/mnt/"))
-        return shlex.split(line)
+        # This checkout's libvirtfs, wherever /usr/local/bin/libvirtfs points on this
+        # machine (setup.sh run from another checkout moves it).
+        return [word for part in shlex.split(line)
+                for word in (LIBVIRTFS if part == "/usr/local/bin/libvirtfs" else [part])]
 
     (tmp_path / "etc").mkdir()
     (tmp_path / "mnt").mkdir()
@@ -221,7 +226,7 @@ def test_a_killed_process_gives_enotconn_at_once_and_fusermount_uz_recovers(
             (mnt / STATE).read_text()
         assert caught.value.errno == errno.ENOTCONN
         # Mounting again over the dead mount says what to do.
-        result = run("libvirtfs", "test:///default", mnt, check=False)
+        result = run(*LIBVIRTFS, "test:///default", mnt, check=False)
         assert result.returncode == 1
         assert result.stderr == (f"libvirtfs: mount point {mnt} is a mount whose filesystem "
                                  f"process is gone (Transport endpoint is not connected): "
