@@ -73,6 +73,22 @@ def eventually(check, timeout: float = 5.0):
             time.sleep(0.1)
 
 
+def libvirtd_clients_of(pid: int) -> int:
+    """How many connections the local libvirtd serves for process `pid` (virt-admin, over
+    libvirtd's admin socket)."""
+    admin = ("virt-admin", "-c", "libvirtd:///system")
+    listing = run(*admin, "client-list", "libvirtd").stdout
+    count = 0
+    for line in listing.splitlines()[2:]:
+        if not line.strip():
+            continue
+        info = run(*admin, "client-info", "libvirtd", line.split()[0], check=False).stdout
+        fields = dict(part.split(":", 1) for part in info.splitlines() if ":" in part)
+        if fields.get("unix_process_id", "").strip() == str(pid):
+            count += 1
+    return count
+
+
 class Mounted:
     """One running libvirtfs process and its mount point."""
 

@@ -17,23 +17,9 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from conftest import Mounted, eventually, run
+from conftest import Mounted, eventually, libvirtd_clients_of, run
 
 pytestmark = pytest.mark.qemu
-
-
-def libvirtd_clients_of(pid: int) -> int:
-    """How many connections libvirtd serves for process `pid` (virt-admin)."""
-    listing = run("virt-admin", "client-list", "libvirtd").stdout
-    count = 0
-    for line in listing.splitlines()[2:]:
-        if not line.strip():
-            continue
-        info = run("virt-admin", "client-info", "libvirtd", line.split()[0], check=False).stdout
-        fields = dict(part.split(":", 1) for part in info.splitlines() if ":" in part)
-        if fields.get("unix_process_id", "").strip() == str(pid):
-            count += 1
-    return count
 
 
 @pytest.fixture
