@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,7 +154,10 @@ class Client:
     def run(self) -> dict:
         step = getattr(self, self.role)
         while time.monotonic() < self.deadline:
-            step()
+            try:
+                step()
+            except OSError as e:  # a check's own read or listing failed
+                self.fail(f"{e!r} in {traceback.format_exc(limit=-2)}")
             time.sleep(self.rng.uniform(0, 0.05))
         return {"id": self.id, "role": self.role, "domain": self.domain,
                 "done": dict(self.done), "refused": dict(self.refused),
