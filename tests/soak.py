@@ -61,13 +61,13 @@ STATE_REFUSALS = {errno.EBUSY: re.compile(
     r"|^Requested operation is not valid: ")}
 # - A snapshot taken or deleted while the domain's controller destroys it (or starts,
 #   suspends, resumes it): libvirt's answer, EBUSY as above, or QEMU's monitor gone under
-#   the call (libvirt's VIR_ERR_SYSTEM_ERROR carries ECONNRESET; its internal or
-#   operation-failed errors are EIO).
-SNAPSHOT_RACES = {**STATE_REFUSALS,
-                  errno.ECONNRESET: re.compile(r"^Unable to read from monitor: "),
-                  errno.EIO: re.compile(r"End of file from qemu monitor"
-                                        r"|^operation failed: domain is not running"
-                                        r"|^Unable to read from monitor: ")}
+#   the call (libvirt's VIR_ERR_SYSTEM_ERROR carries the socket's ECONNRESET or EPIPE; its
+#   internal or operation-failed errors are EIO).
+MONITOR_GONE = re.compile(r"^Unable to (read from|write to) monitor: "
+                          r"|End of file from qemu monitor"
+                          r"|^operation failed: domain is not running")
+SNAPSHOT_RACES = {**STATE_REFUSALS, errno.ECONNRESET: MONITOR_GONE,
+                  errno.EPIPE: MONITOR_GONE, errno.EIO: MONITOR_GONE}
 MAX_SNAPSHOTS = 3
 TOOL_TIMEOUT = 90  # a tool still running after this is a hang (the mount's timeout is 30 s)
 
