@@ -42,6 +42,11 @@ class MountOptions:
     cache_timeout: float = 1.0
     # A job (drivers/jobs.py) that makes no progress this long is aborted.
     job_stall: float = 300.0
+    # Who owns what is served (None: the mounting user) and the group that shares the
+    # owner's rights, a name or a number (mount/serve.py resolves it); vfs/permissions.py.
+    uid: int | None = None
+    gid: int | None = None
+    admin_group: str | None = None
 
     def add(self, text: str) -> None:
         """Take one `-o` argument (comma-separated)."""
@@ -53,6 +58,14 @@ class MountOptions:
         if key in ("timeout", "cache_timeout", "job_stall"):
             setattr(self, key, _seconds(key, value if has_value else None,
                                         zero_ok=key == "cache_timeout"))
+            return
+        if key in ("uid", "gid"):
+            setattr(self, key, _id(key, value if has_value else None))
+            return
+        if key == "admin_group":
+            if not value.strip():
+                raise OptionError("option admin_group needs a group name or number")
+            self.admin_group = value.strip()
             return
         if option in ("ro", "rw"):
             self.read_only = option == "ro"
@@ -69,6 +82,13 @@ class MountOptions:
         if option in IGNORED_FLAGS or option.startswith(IGNORED_PREFIXES):
             return
         raise OptionError(f"unknown mount option {option!r}")
+
+
+def _id(key: str, value: str | None) -> int:
+    """A user or group number: 0 to 2**32 - 2 (-1 means "unchanged" to chown(2))."""
+    if value is None or not value.isdigit() or int(value) > 2**32 - 2:
+        raise OptionError(f"option {key} needs a number (a numeric {key}), got {value!r}")
+    return int(value)
 
 
 def _seconds(key: str, value: str | None, *, zero_ok: bool) -> float:

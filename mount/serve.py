@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import logging
 import os
 import re
@@ -109,6 +110,19 @@ async def connect_hosts(specs: list[HostSpec], options: MountOptions
     return hosts
 
 
+def admin_gid(group: str | None) -> int | None:
+    """The number of `-o admin_group=`: a group name, or a number as it is."""
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartupError(f"admin group {group!r} does not exist "
+                           f"(-o admin_group= takes a group name or number)") from None
+
+
 def check_mountpoint(path: str) -> None:
     try:
         os.stat(path)
@@ -133,7 +147,9 @@ class Mount:
     def __init__(self, options: MountOptions) -> None:
         self.options = options
         self.ctx = Context(cache_timeout=options.cache_timeout, read_only=options.read_only,
-                           uid=os.getuid(), gid=os.getgid())
+                           uid=os.getuid() if options.uid is None else options.uid,
+                           gid=os.getgid() if options.gid is None else options.gid,
+                           admin_gid=admin_gid(options.admin_group))
         self.root = RootDirectory(self.ctx, lifecycle=self)
         self.detached = False  # unmounted lazily (fusermount3 -u -z) while serving
         self.operations = Operations(self.root, self.ctx)  # tells the kernel what changed
@@ -297,6 +313,7 @@ async def serve(specs: list[HostSpec], mountpoint: str, options: MountOptions,
     """`config` is `--config`'s path and what it held, for SIGHUP; its hosts are among
     `specs` (after those of the command line)."""
     check_mountpoint(mountpoint)
+    admin_gid(options.admin_group)  # an unknown group fails before anything connects
     hosts = await connect_hosts(specs, options)
     mount = Mount(options)
     reloader = None

@@ -56,8 +56,11 @@ class Context:
     read_only: bool = False
     # What a change refused for read_only says (EROFS).
     read_only_reason: str = "the filesystem is mounted read-only"
+    # The owner of what is served (`-o uid=`, `gid=`; the mounting user by default) and the
+    # group that shares its rights (`-o admin_group=`; None: none), see vfs/permissions.py.
     uid: int = 0
     gid: int = 0
+    admin_gid: int | None = None
     # Called with a node whose content or listing changed without anybody asking (events),
     # so the vfs can tell the kernel to drop what it cached.  No-op without a mount.
     changed: Callable[[Node], None] = lambda node: None
@@ -162,12 +165,18 @@ class Node:
             node = node.parent
         return "/" + "/".join(reversed(parts))
 
+    # May hold secrets (definitions, snapshot documents, what a tool writes): readable by
+    # the owner and the admin group only (vfs/permissions.py).
+    private = False
+    # Changes here reach other hosts with the owner's credentials (ssh keys, certificates):
+    # the owner's alone, not the admin group's (vfs/permissions.py).
+    owner_only = False
+
     @property
     def writable(self) -> bool:
+        """Whether this file can be written, or this folder changed (mkdir, rmdir, mv,
+        new files); vfs/permissions.py turns it into modes."""
         return False
-
-    def permissions(self) -> int:
-        return 0o644 if self.writable else 0o444
 
     def touch(self) -> None:
         self.mtime = self.ctx.now()
@@ -407,9 +416,6 @@ class Symlink(Node):
         super().__init__(ctx)
         self.target = target
 
-    def permissions(self) -> int:
-        return 0o777
-
     async def size(self) -> int:
         return len(self.target.encode())
 
@@ -453,9 +459,6 @@ class Directory(Node):
         self._generation = 0
         self._scan_complete = True
         self._scan_lock: LazyLock | None = None  # while scanning (locks.held)
-
-    def permissions(self) -> int:
-        return 0o555
 
     async def scan(self) -> list[Entry]:
         raise NotImplementedError

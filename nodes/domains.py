@@ -133,6 +133,7 @@ class DomainsDirectory(CollectionDirectory):
 
 class LiveXmlFile(QueryFile):
     __slots__ = ()
+    private = True  # the running definition: as secret as `xml`
 
     async def render(self) -> str:
         directory = folder(self)

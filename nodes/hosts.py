@@ -82,6 +82,8 @@ class UriFile(WordFile):
     """`uri`: the URI libvirt reports; while the folder is pending, writable once: the
     write connects the host and returns when it is connected (or with libvirt's error)."""
 
+    owner_only = True  # a URI is connected with the owner's credentials
+
     max_size = MAX_URI_BYTES
 
     def __init__(self, ctx: Context, directory: HostDirectory) -> None:
@@ -118,6 +120,8 @@ class UriFile(WordFile):
 class HostDirectory(StaticDirectory):
     """One host; `host` is None while the folder is pending (made by mkdir, no URI yet)."""
 
+    owner_only = True  # a URI is connected with the owner's credentials
+
     def __init__(self, ctx: Context, host: Host | None,
                  lifecycle: HostLifecycle | None = None) -> None:
         super().__init__(ctx)
@@ -142,8 +146,9 @@ class HostDirectory(StaticDirectory):
     def connecting(self) -> bool:
         return self._connecting.locked()
 
-    def permissions(self) -> int:
-        return 0o755 if self.pending and not self.ctx.read_only else 0o555
+    @property
+    def writable(self) -> bool:
+        return self.pending and not self.ctx.read_only
 
     async def children(self, *, refresh: bool = False) -> dict[str, Node]:
         if self.host is None:
@@ -284,12 +289,15 @@ class HostsDirectory(Directory):
     """hosts/: one folder per host, named as the command line or config file says, or as
     `mkdir` made it."""
 
+    owner_only = True  # a URI is connected with the owner's credentials
+
     def __init__(self, ctx: Context, lifecycle: HostLifecycle | None = None) -> None:
         super().__init__(ctx)
         self.lifecycle = lifecycle
 
-    def permissions(self) -> int:
-        return 0o755 if self.lifecycle is not None and not self.ctx.read_only else 0o555
+    @property
+    def writable(self) -> bool:
+        return self.lifecycle is not None and not self.ctx.read_only
 
     async def children(self, *, refresh: bool = False) -> dict[str, Node]:
         return self._by_name

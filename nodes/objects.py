@@ -148,8 +148,9 @@ class ObjectDirectory(Directory):
             self._guard = Guard()
         return self._guard
 
-    def permissions(self) -> int:
-        return 0o555 if self.ctx.read_only else 0o755
+    @property
+    def writable(self) -> bool:
+        return not self.ctx.read_only
 
     @property
     def libvirt_name(self) -> str:
@@ -538,8 +539,9 @@ class CollectionDirectory(Directory):
             self.host.stale(self.kind)  # not the host's table (an event may be on its way)
         await super()._rescan()
 
-    def permissions(self) -> int:
-        return 0o555 if self.ctx.read_only else 0o755
+    @property
+    def writable(self) -> bool:
+        return not self.ctx.read_only
 
     async def listing(self) -> list[tuple[str, str]]:
         """(key, libvirt name) of every object (subclasses)."""

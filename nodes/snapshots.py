@@ -65,8 +65,9 @@ class SnapshotsDirectory(Directory):
         self._current_link: Symlink | None = None
         self._pending: dict[str, SnapshotDirectory] = {}
 
-    def permissions(self) -> int:
-        return 0o555 if self.ctx.read_only else 0o755
+    @property
+    def writable(self) -> bool:
+        return not self.ctx.read_only
 
     # -- listing -----------------------------------------------------------------------
 

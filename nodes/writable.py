@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -28,10 +29,13 @@ class ScratchFile(File):
     served file when renamed onto it."""
 
     max_size = MAX_SCRATCH_BYTES
+    private = True  # sed -i's copy of an `xml`, say
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.data = b""
+        # The uid that made it, which owns it (vfs/permissions.py); None: the mount's owner.
+        self.creator: int | None = None
         self.xattr_values: dict[str, bytes] = {}
         # Set once renamed onto a served file, which it then stands in for.
         self.replaced: File | None = None
@@ -83,6 +87,7 @@ class DefinitionFile(QueryFile):
     renamed onto it, defines or updates the object."""
 
     __slots__ = ("directory",)
+    private = True  # definitions can hold secrets even without the secure flag
 
     def __init__(self, ctx: Context, directory: ObjectDirectory) -> None:
         super().__init__(ctx)
@@ -100,10 +105,30 @@ class DefinitionFile(QueryFile):
         return not self.ctx.read_only
 
     async def commit(self, data: bytes) -> None:
-        await self.directory.define(data)
+        try:
+            await self.directory.define(data)
+        except OSError as e:
+            raise without_passwords(e, data) from None
         self.last_error = ""
         self.invalidate()
         self.touch()
+
+
+_PASSWORD = re.compile(rb"""\bpasswd\s*=\s*(?:'([^']*)'|"([^"]*)")""")
+
+
+def without_passwords(error: OSError, document: bytes) -> OSError:
+    """`error` with every password of `document` hidden: libvirt's messages quote values
+    of the document, and what they say becomes `user.error` and a log line."""
+    message = error.strerror or str(error)
+    for match in _PASSWORD.finditer(document):
+        secret = (match.group(1) or match.group(2) or b"").decode(errors="replace")
+        if secret:
+            message = message.replace(secret, "(password hidden)")
+    if message != (error.strerror or str(error)):
+        error.strerror = message
+        error.args = (error.errno, message)
+    return error
 
 
 class WordFile(QueryFile):

@@ -65,7 +65,8 @@ def test_getfattr_shows_the_user_attributes_only(web: Path) -> None:
     assert "malformed XML" in user_error(xml)
     label = run("getfattr", "-n", "security.selinux", xml, check=False)
     assert label.returncode == 1 and "Operation not supported" in label.stderr
-    assert run("getfacl", "-c", xml).stdout == "user::rw-\ngroup::r--\nother::r--\n\n"
+    # xml is the owner's and the group's alone (docs/security.md#the-permission-policy).
+    assert run("getfacl", "-c", xml).stdout == "user::rw-\ngroup::r--\nother::---\n\n"
 
 
 def test_setfattr_takes_user_settings_and_refuses_other_names(web: Path) -> None:
@@ -96,8 +97,8 @@ def test_setfacl_is_accepted_and_changes_nothing(web: Path) -> None:
     run("setfacl", "-m", "u:nobody:rw", xml)
     run("setfacl", "-d", "-m", "u:nobody:rwx", web / "snapshots")
     run("setfacl", "-b", xml)
-    assert run("getfacl", "-c", xml).stdout == "user::rw-\ngroup::r--\nother::r--\n\n"
-    assert oct(os.stat(xml).st_mode & 0o777) == "0o644"
+    assert run("getfacl", "-c", xml).stdout == "user::rw-\ngroup::r--\nother::---\n\n"
+    assert oct(os.stat(xml).st_mode & 0o777) == "0o640"
 
 
 def test_cp_a_copies_a_domain_folder_out_and_its_xml_back(web: Path, tmp_path: Path) -> None:

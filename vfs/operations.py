@@ -27,7 +27,8 @@ import pyfuse3
 from libvirtfs.nodes.base import Context, Directory, File, Node, Symlink, fs_error
 from libvirtfs.nodes.guard import calling, thread_group
 from libvirtfs.nodes.handles import Handle, opens_for_writing
-from libvirtfs.vfs import counters
+from libvirtfs.nodes.writable import ScratchFile
+from libvirtfs.vfs import counters, permissions
 from libvirtfs.vfs.callers import CallerInodes
 from libvirtfs.vfs.handles import HandleTable
 from libvirtfs.vfs.inodes import InodeTable
@@ -65,7 +66,7 @@ def _fuse_errors(now: Callable[..., Any] | None = None
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             counters.REQUESTS[name] += 1  # vfs/counters.py: the benchmark's request counts
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s(%s)", name, ", ".join(map(_short_repr.repr, args[1:])))
+                log.debug("%s(%s)", name, _arguments(name, args))
             operations: Operations = args[0]  # type: ignore[assignment]
             try:
                 if now is not None and not operations.pending.ending:
@@ -89,6 +90,14 @@ def _fuse_errors(now: Callable[..., Any] | None = None
 
 _short_repr = reprlib.Repr()
 _short_repr.maxstring = _short_repr.maxother = 80
+# Where the bytes a user writes are among a handler's arguments: the debug log shows only
+# their length, since a document written to `xml` may hold a password.
+_DATA_ARGUMENT = {"write": 3, "setxattr": 3}
+
+
+def _arguments(name: str, args: tuple[Any, ...]) -> str:
+    return ", ".join(f"<{len(a)} bytes>" if i == _DATA_ARGUMENT.get(name) else _short_repr.repr(a)
+                     for i, a in enumerate(args) if i)
 
 
 def _name(raw: bytes) -> str:
@@ -186,14 +195,10 @@ class Operations(pyfuse3.Operations):
         # per-program inodes hear of no change: nothing about them is cached.
         timeout = 0 if node.per_caller or node.uncached else self.ctx.cache_timeout
         attrs.entry_timeout = attrs.attr_timeout = timeout
-        permissions = node.permissions()
-        if node.ctx.read_only and not isinstance(node, Symlink):
-            permissions &= ~0o222
-        attrs.st_mode = node.file_type | permissions
+        attrs.st_mode = permissions.file_mode(node)  # the policy: vfs/permissions.py
         # 1 means "count unknown" to find(1), which then never skips subfolders.
         attrs.st_nlink = 1
-        attrs.st_uid = self.ctx.uid
-        attrs.st_gid = self.ctx.gid
+        attrs.st_uid, attrs.st_gid = permissions.owner(node)
         attrs.st_size = size
         attrs.st_blksize = 4096
         attrs.st_blocks = (size + 511) // 512
@@ -304,6 +309,8 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: Any) -> Any:
         node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            permissions.check_metadata_change(node, ctx)
         if fields.update_size:
             self._check_writable_mount(node)
             if not isinstance(node, File):
@@ -314,7 +321,8 @@ class Operations(pyfuse3.Operations):
                 with node.reporting():
                     await node.truncate(attr.st_size)
         # chmod, chown and utimensat are accepted and have no effect: tools that copy
-        # metadata (sed -i, cp -p, Ansible) must not fail on a file whose mode we own.
+        # metadata (sed -i, cp -p, Ansible) must not fail on a file whose mode the policy
+        # decides (vfs/permissions.py), and nobody widens it.
         return await self.attributes(node, inode)
 
     @_fuse_errors()
@@ -447,7 +455,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable_mount(parent)
         if not stat.S_ISREG(mode):
             raise fs_error(errno.EPERM, "only regular files can be made here")
-        return await self._entry(await parent.create(_name(name)))
+        return await self._entry(self._made_by(await parent.create(_name(name)), ctx))
 
     # -- files -------------------------------------------------------------------------
 
@@ -484,6 +492,13 @@ class Operations(pyfuse3.Operations):
             self._writers[info.fh] = caller.pid
         return info
 
+    @staticmethod
+    def _made_by(node: Node, ctx: Any) -> Node:
+        """A scratch file belongs to the user who made it (vfs/permissions.py)."""
+        if isinstance(node, ScratchFile) and node.creator is None:
+            node.creator = getattr(ctx, "uid", None)
+        return node
+
     def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
         return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
 
@@ -493,7 +508,7 @@ class Operations(pyfuse3.Operations):
         parent = self._directory(parent_inode)
         self._check_writable_mount(parent)
         with parent.reporting():
-            node = await parent.create(_name(name))
+            node = self._made_by(await parent.create(_name(name)), ctx)
         parent.last_error = ""
         handle = await node.open_handle(flags)
         attrs = await self._entry(node)
@@ -564,6 +579,7 @@ class Operations(pyfuse3.Operations):
             return counters.text()  # not listed: copies of the tree never carry it
         node = self._node(inode)
         _served_namespace(name)  # raises for any name outside user.
+        permissions.check_xattr_read(node, _name(name), ctx)
         values = await node.xattrs()
         try:
             return values[_name(name)]
@@ -572,7 +588,9 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors()
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
-        return [os.fsencode(name) for name in await self._node(inode).xattrs()]
+        node = self._node(inode)
+        names = permissions.visible_xattrs(node, list(await node.xattrs()), ctx)
+        return [os.fsencode(name) for name in names]
 
     @_fuse_errors()
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
@@ -580,6 +598,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable_mount(node)
         if _served_namespace(name, changing=True):
             return
+        permissions.check_xattr_change(node, ctx)
         with node.reporting(unless=(errno.ENOTSUP, errno.EOPNOTSUPP)):
             await node.set_xattr(_name(name), value)
 
@@ -588,6 +607,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable_mount(self._node(inode))
         if _served_namespace(name, changing=True):
             return
+        permissions.check_xattr_change(self._node(inode), ctx)
         try:
             await self._node(inode).remove_xattr(_name(name))
         except OSError as e:
