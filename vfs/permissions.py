@@ -13,6 +13,7 @@ chmod and xattr write against what is served here.  The nodes only say what they
 | writable document (xml, scratch files)          | 0640         | 0660             |
 | read-only folder (root, hosts/<host>/)          | 0555         | 0555             |
 | folder that can change (domains/, an object's)  | 0755         | 0775             |
+| owner_only: hosts/, a pending host and its uri  | 0755, 0644   | 0755, 0644       |
 
 Everything is owned by the mount's owner (a scratch file by the user who made it) and its
 group is the admin group, or the owner's group without one.  Write bits are cleared on a
