@@ -43,6 +43,7 @@ def _disk(node: Any) -> DiskDirectory:
 
 class DiskLiveXmlFile(QueryFile):
     __slots__ = ()
+    private = True  # a part of the domain's live.xml (vfs/permissions.py)
 
     async def render(self) -> str:
         disk = _disk(self)

@@ -138,8 +138,8 @@ def test_a_user_outside_the_group_browses_but_reads_no_definition(admins_mount) 
     test = host / "domains/test"
     listing = allowed("lvfs-other", f"ls {host}/domains; ls {test}; cat {test}/state; "
                                     f"cat {host}/status; grep ^state {test}/info")
-    assert listing.split() == ["test", "autostart", "control", "info", "job", "live.xml",
-                               "snapshots", "state", "xml", "running", "connected",
+    assert listing.split() == ["test", "autostart", "control", "disks", "info", "job",
+                               "live.xml", "snapshots", "state", "xml", "running", "connected",
                                "state:", "running"]
     allowed("lvfs-other", f"ls {test}/snapshots/before; cat {test}/snapshots/before/state")
     for document in ("xml", "live.xml", "snapshots/before/xml"):
@@ -228,6 +228,7 @@ def test_modes_and_owners_follow_the_policy(admins_mount, people) -> None:
         root / "hosts/test/status": 0o444, root / "hosts/test/uri": 0o444,
         root / "hosts/test/capabilities.xml": 0o444, root / "hosts/test/domains": 0o775,
         test: 0o775, test / "snapshots": 0o775, test / "snapshots/before": 0o775,
+        test / "disks": 0o775,
         test / "state": 0o444, test / "info": 0o444, test / "job": 0o444,
         test / "control": 0o664, test / "autostart": 0o664,
         test / "xml": 0o660, test / "live.xml": 0o440, test / "snapshots/before/xml": 0o660,
