@@ -4,9 +4,10 @@ A disk is addressed by its domain's UUID and its target (`vda`, `sda`, `hdc`), a
 block calls address it.  What the tree shows of a disk comes from libvirt alone: its
 element in the domain's XML (the definition, and the live one while running, whose
 `backingStore` elements are the backing chain libvirt found), `blockInfo`, `diskErrors`,
-`blockStatsFlags` and `blockJobInfo`.  The words of a disk's `control` (nodes/words.py
-DISK_WORDS) become blockCommit, blockRebase, blockCopy, blockJobAbort and blockResize with
-the flags of the tables below.
+`blockStatsFlags` and `blockJobInfo`; a qcow2 image's stored backing name comes from its
+header, downloaded through libvirt's storage API (drivers/backingnames.py).  The words of
+a disk's `control` (nodes/words.py DISK_WORDS) become blockCommit, blockRebase, blockCopy,
+blockJobAbort and blockResize with the flags of the tables below.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import libvirt
 import trio
 from lxml import etree
 
-from libvirtfs.drivers import xmldocs
+from libvirtfs.drivers import backingnames, xmldocs
 from libvirtfs.drivers.errors import DriverError
 
 if TYPE_CHECKING:
@@ -174,24 +175,29 @@ def disk_info(conn: libvirt.virConnect, uuid: str, target: str) -> Info:
 
 
 def disk_chain(conn: libvirt.virConnect, uuid: str, target: str) -> list[str]:
-    """`TARGET[INDEX] FORMAT SOURCE` per image, top first, as libvirt reports the chain:
-    the live XML's backingStore elements while running (libvirt probes the chain when the
-    domain starts and follows every block job), the definition's otherwise."""
+    """`TARGET[INDEX] FORMAT SOURCE [backing=NAME]` per image, top first, as libvirt
+    reports the chain: the live XML's backingStore elements while running (libvirt probes
+    the chain when the domain starts and follows every block job), the definition's
+    otherwise.  NAME is the backing name a qcow2 image stores, read through libvirt's
+    storage API (drivers/backingnames.py): one download per qcow2 image libvirt knows as
+    a volume."""
     disk = _element(_domain(conn, uuid), target, live=True)
-    lines = []
     driver = disk.find("driver")
-    top_format = driver.get("type", "-") if driver is not None else "-"
     source = disk.find("source")
     index = source.get("index") if source is not None else None
-    lines.append(f"{target}[{index}]" if index else target)
-    lines[-1] += f" {top_format} {_source(disk)}"
+    images = [(f"{target}[{index}]" if index else target,
+               driver.get("type", "-") if driver is not None else "-", disk)]
     store = disk.find("backingStore")
     while store is not None and store.find("source") is not None:
         fmt = store.find("format")
-        name = f"{target}[{store.get('index')}]" if store.get("index") else "-"
-        lines.append(f"{name} {fmt.get('type', '-') if fmt is not None else '-'} "
-                     f"{_source(store)}")
+        images.append((f"{target}[{store.get('index')}]" if store.get("index") else "-",
+                       fmt.get("type", "-") if fmt is not None else "-", store))
         store = store.find("backingStore")
+    lines = []
+    for name, fmt, image in images:
+        line = f"{name} {fmt} {_source(image)}"
+        stored = backingnames.stored_backing(conn, image) if fmt == "qcow2" else None
+        lines.append(line if stored is None else f"{line} backing={stored}")
     return lines
 
 

@@ -66,9 +66,11 @@ def test_the_seeds_life_cycle_reuse_ext_then_commit_active_and_pivot(vm: Guest) 
     assert (vda / "chain").read_text() == f"vda[1] qcow2 {guest.disk}\n"
     overlay = reused_overlay(guest, "before-upgrade")
 
+    # The overlay's backing name as stored, relative; the paths libvirt resolved.
     chain = (vda / "chain").read_text().splitlines()
-    assert [line.split()[1:] for line in chain] == [["qcow2", str(overlay)],
-                                                   ["qcow2", str(guest.disk)]]
+    assert [line.split()[1:] for line in chain] == [
+        ["qcow2", str(overlay), "backing=disk.qcow2"],
+        ["qcow2", str(guest.disk)]]
     assert image(overlay)["backing-filename"] == "disk.qcow2"  # relative, as made
     assert info(vda / "info")["source"] == str(overlay)
     assert (vda / "job").read_text() == ""
@@ -107,6 +109,33 @@ def test_the_seeds_life_cycle_reuse_ext_then_commit_active_and_pivot(vm: Guest) 
     assert os.listdir(guest.snaps) == []
 
 
+def test_chain_shows_each_stored_backing_name_shut_off_and_running(vm: Guest) -> None:
+    """Backing names are shown as the images store them, whatever their spelling
+    (`./mid.qcow2` stays so), read through libvirt from images its pool has not seen yet."""
+    guest = vm
+    vda = guest.folder / "disks" / "vda"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "disk.qcow2",
+        "mid.qcow2", cwd=guest.pool)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "./mid.qcow2",
+        "top.qcow2", cwd=guest.pool)
+    top = guest.pool / "top.qcow2"
+    virsh("destroy", guest.name)
+    run("sed", "-i", f"s|{guest.disk}|{top}|", vda / "xml")
+    # Shut off, the definition has the top image alone; its stored name is read all the same.
+    assert (vda / "chain").read_text() == f"vda qcow2 {top} backing=./mid.qcow2\n"
+
+    virsh("start", guest.name)
+    chain = (vda / "chain").read_text().splitlines()
+    assert [line.split()[1:] for line in chain] == [
+        ["qcow2", str(top), "backing=./mid.qcow2"],
+        # libvirt's paths keep the `./` it joined; the stored names are as written.
+        ["qcow2", f"{guest.pool}/./mid.qcow2", "backing=disk.qcow2"],
+        ["qcow2", f"{guest.pool}/./disk.qcow2"]]
+    assert guest.state() == "running"
+    # Reading it changed nothing: the names are still those qemu-img wrote.
+    assert image(top)["backing-filename"] == "./mid.qcow2"
+
+
 def test_copy_abort_copy_pivot_then_pull(vm: Guest, tmp_path: Path) -> None:
     guest = vm
     vda = guest.folder / "disks" / "vda"
@@ -131,7 +160,10 @@ def test_copy_abort_copy_pivot_then_pull(vm: Guest, tmp_path: Path) -> None:
     for name in ("o1", "o2"):
         guest.flags("disk-only,atomic")
         run("mkdir", guest.snaps / name)
-    assert len((vda / "chain").read_text().splitlines()) == 3
+    # libvirt made them beside the copy, in no storage pool: their stored names cannot
+    # be read through libvirt, so the lines have only the resolved paths.
+    chain = (vda / "chain").read_text().splitlines()
+    assert [len(line.split()) for line in chain] == [3, 3, 3], chain
     word(vda, "pull wait")
     assert len((vda / "chain").read_text().splitlines()) == 1
     assert (vda / "job").read_text() == ""
