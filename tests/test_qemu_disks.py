@@ -109,7 +109,8 @@ def test_the_seeds_life_cycle_reuse_ext_then_commit_active_and_pivot(vm: Guest) 
     assert os.listdir(guest.snaps) == []
 
 
-def test_chain_shows_each_stored_backing_name_shut_off_and_running(vm: Guest) -> None:
+def test_chain_shows_each_stored_backing_name_shut_off_and_running(vm: Guest,
+                                                                  mount_factory) -> None:
     """Backing names are shown as the images store them, whatever their spelling
     (`./mid.qcow2` stays so), read through libvirt from images its pool has not seen yet."""
     guest = vm
@@ -134,6 +135,13 @@ def test_chain_shows_each_stored_backing_name_shut_off_and_running(vm: Guest) ->
     assert guest.state() == "running"
     # Reading it changed nothing: the names are still those qemu-img wrote.
     assert image(top)["backing-filename"] == "./mid.qcow2"
+
+    # A read-only mount's connection may not download a volume: the chain without names.
+    ro = mount_factory(f"lab={QEMU_URI}", options="ro", name="ro")
+    chain = (ro.host("lab") / "domains" / guest.name / "disks/vda/chain").read_text()
+    assert [line.split()[2] for line in chain.splitlines()] == [
+        str(top), f"{guest.pool}/./mid.qcow2", f"{guest.pool}/./disk.qcow2"]
+    assert "backing=" not in chain
 
 
 def test_copy_abort_copy_pivot_then_pull(vm: Guest, tmp_path: Path) -> None:
