@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -168,6 +169,21 @@ class Table(Generic[Row]):
             return rows
 
 
+# Host folders reached by the same URI are one hypervisor seen twice (`test=URI again=URI`,
+# or hosts added by mkdir): a change made through one marks the tables of all, or the
+# others answer from an event-kept listing until libvirt's event reaches them, and a
+# document just defined through one folder is missing in the other (read-your-writes).
+_same_uri: dict[str, weakref.WeakSet[HostTables]] = {}
+_same_uri_lock = threading.Lock()
+
+
+def _mark_same_uri(uri: str) -> None:
+    with _same_uri_lock:
+        tables = list(_same_uri.get(uri, ()))
+    for host_tables in tables:
+        host_tables.mark_all()
+
+
 class HostTables:
     """The domain, pool and network tables of one host, and what marks them."""
 
@@ -183,7 +199,10 @@ class HostTables:
         self.network: Table[StateRow] = Table("network", connection, self.list_networks,
                                           cache_timeout)
         self._tables = {"domain": self.domain, "pool": self.pool, "network": self.network}
-        connection.on_change(self.mark_all)
+        uri = connection.requested_uri or ""
+        with _same_uri_lock:
+            _same_uri.setdefault(uri, weakref.WeakSet()).add(self)
+        connection.on_change(lambda: _mark_same_uri(uri))
         connection.on_late(lambda what: self.mark_all())
         connection.on_lost(lambda reason: self.watching(frozenset()))
 
