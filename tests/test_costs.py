@@ -227,6 +227,11 @@ def test_qemu_info_of_every_domain_is_one_batch(counted, qemu_uri: str,
     host = counted(qemu_uri)
     domains = host / "domains"
     run("virsh", "-c", qemu_uri, "start", guests[0])
+    # The start's events have reached the mount (each one would rightly make a reader
+    # fetch again: on a loaded machine they came during the pass timed below).
+    def started() -> None:
+        assert (domains / guests[0] / "state").read_text() == "running\n"
+    eventually(started, 10)
     os.listdir(domains)
     time.sleep(1.2)
     files = " ".join(f"{domains}/{name}/info" for name in guests)
