@@ -4,10 +4,11 @@ A disk is addressed by its domain's UUID and its target (`vda`, `sda`, `hdc`), a
 block calls address it.  What the tree shows of a disk comes from libvirt alone: its
 element in the domain's XML (the definition, and the live one while running, whose
 `backingStore` elements are the backing chain libvirt found), `blockInfo`, `diskErrors`,
-`blockStatsFlags` and `blockJobInfo`; a qcow2 image's stored backing name comes from its
-header, downloaded through libvirt's storage API (drivers/backingnames.py).  The words of
-a disk's `control` (nodes/words.py DISK_WORDS) become blockCommit, blockRebase, blockCopy,
-blockJobAbort and blockResize with the flags of the tables below.
+`blockStatsFlags` and `blockJobInfo` (and, once a job has ended, how it ended: libvirt's
+BLOCK_JOB_2 event, kept by drivers/blockjobs.py); a qcow2 image's stored backing name
+comes from its header, downloaded through libvirt's storage API (drivers/backingnames.py).
+The words of a disk's `control` (nodes/words.py DISK_WORDS) become blockCommit,
+blockRebase, blockCopy, blockJobAbort and blockResize with the flags of the tables below.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from libvirtfs.drivers import backingnames, xmldocs
 from libvirtfs.drivers.errors import DriverError
 
 if TYPE_CHECKING:
+    from libvirtfs.drivers.blockjobs import BlockJobOutcomes
     from libvirtfs.drivers.connection import Connection
 
 Info = dict[str, Any]
@@ -362,6 +364,7 @@ class DiskCalls:
     """The disk coroutines of `Host` (nodes/backend.py says them)."""
 
     connection: Connection
+    block_jobs: BlockJobOutcomes
 
     async def domain_disks(self, uuid: str) -> list[str]:
         return await self.connection.call(list_disks, uuid, changes=False)
@@ -379,7 +382,16 @@ class DiskCalls:
         return await self.connection.call(disk_stats, uuid, target, changes=False)
 
     async def disk_job(self, uuid: str, target: str) -> Info:
-        return await self.connection.call(disk_job, uuid, target, changes=False)
+        mark = self.block_jobs.mark()
+        job = await self.connection.call(disk_job, uuid, target, changes=False)
+        if job:
+            self.block_jobs.running(uuid, target, mark)
+        return job
+
+    def disk_last_job(self, uuid: str, target: str) -> str | None:
+        """How the disk's last block job ended (`copy cancelled`), if an event said so
+        since the connection was opened."""
+        return self.block_jobs.last(uuid, target)
 
     async def disk_control(self, uuid: str, target: str, word: str, arguments: list[str],
                            modifiers: list[str], params: dict[str, str], wait: bool) -> None:

@@ -74,6 +74,12 @@ class Change:
 Publish = Callable[[str, str, str, str, float], None]
 
 
+class BlockJobWatcher(Protocol):
+    """What keeps how each disk's last block job ended (drivers/blockjobs.py)."""
+
+    def ended(self, uuid: str, target: str, kind: int, status: int) -> None: ...
+
+
 class Watcher(Protocol):
     """What keeps tables true by events (drivers/tables.py HostTables)."""
 
@@ -85,14 +91,17 @@ class EventForwarder:
     """Registers libvirt event callbacks on a connection and forwards them as `Change`s to a
     trio-side callback, and as event lines to `publish` (words: drivers/eventwords.py).
     `tables` hears of each change at once, on libvirt's thread (before the tree does), and
-    which kinds have their lifecycle events registered."""
+    which kinds have their lifecycle events registered; `block_jobs`, how each block
+    job ended, before the tree reads `job` afresh."""
 
     def __init__(self, token: trio.lowlevel.TrioToken, deliver: Callable[[Change], None],
-                 publish: Publish | None = None, tables: Watcher | None = None) -> None:
+                 publish: Publish | None = None, tables: Watcher | None = None,
+                 block_jobs: BlockJobWatcher | None = None) -> None:
         self._token = token
         self._deliver = deliver
         self._publish = publish
         self._tables = tables
+        self._block_jobs = block_jobs
         # Per connection: how to undo each registration made on it.
         self._registered: dict[libvirt.virConnect, list[tuple[Callable[[int], None], int]]] = {}
         self._opened_before = False
@@ -193,6 +202,8 @@ class EventForwarder:
         self._line("domain", dom.name(), "job-completed", eventwords.job_operation(operation))
 
     def _block_job(self, conn, dom, disk, kind, status, opaque) -> None:
+        if self._block_jobs is not None:  # BLOCK_JOB_2 names the disk by its target
+            self._block_jobs.ended(dom.UUIDString(), disk, kind, status)
         self._send(Change("domain", dom.UUIDString(), "block job", listing=False))
         event, job = eventwords.block_job(status, kind)
         self._line("domain", dom.name(), event, f"{job}:{disk}")

@@ -20,6 +20,7 @@ import libvirt
 import trio
 
 from libvirtfs.drivers import migration, records, statedir, xmldocs
+from libvirtfs.drivers.blockjobs import BlockJobOutcomes
 from libvirtfs.drivers.connection import Connection
 from libvirtfs.drivers.control import ACTIONS, JOB_WORDS, remove_object, rename_object
 from libvirtfs.drivers.definitions import KINDS, Definitions, Key
@@ -64,6 +65,9 @@ class Host(SnapshotCalls, DiskCalls):
                  job_stall: float = DEFAULT_STALL_SECONDS, cache_timeout: float = 1.0) -> None:
         self.connection = connection
         self.definitions = Definitions(statedir.StateDir(state_dir or statedir.default_state_dir()))
+        # How each disk's last block job ended, from events (drivers/blockjobs.py).
+        self.block_jobs = BlockJobOutcomes()
+        connection.on_lost(self.block_jobs.clear)
         # Every domain, pool and network with its state, from batched calls (tables.py).
         self.tables = HostTables(connection, cache_timeout, listed=self._prune)
         self.jobs = Jobs(connection, stall_seconds=job_stall)
@@ -199,6 +203,8 @@ class Host(SnapshotCalls, DiskCalls):
                scope: str = "") -> None:
         """Drop the records (kept outside libvirt) of objects removed outside libvirtfs; a
         listing never fails for it."""
+        if kind == "domain":
+            self.block_jobs.listed(present, since)
         try:
             self.definitions.prune(conn, kind, present, since, scope)
         except (OSError, libvirt.libvirtError) as e:

@@ -195,7 +195,8 @@ class Mount:
         assert host is not None and self._nursery is not None
         forwarder = EventForwarder(trio.lowlevel.current_trio_token(),
                                    self._deliver_to(directory), directory.events.publish,
-                                   tables=getattr(host, "tables", None))
+                                   tables=getattr(host, "tables", None),
+                                   block_jobs=getattr(host, "block_jobs", None))
         host.connection.on_open(forwarder.register, forwarder.deregister)
         host.connection.on_late(forwarder.late)
         host.connection.on_lost(forwarder.lost)

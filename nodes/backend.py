@@ -117,6 +117,9 @@ class Host(Protocol):
     async def disk_chain(self, uuid: str, target: str) -> list[str]: ...
     async def disk_stats(self, uuid: str, target: str) -> Info: ...
     async def disk_job(self, uuid: str, target: str) -> Info: ...
+    def disk_last_job(self, uuid: str, target: str) -> str | None:
+        """`TYPE STATUS` of the disk's last ended block job (`copy cancelled`), as its
+        BLOCK_JOB_2 event said; None when no event said so."""
     async def disk_control(self, uuid: str, target: str, word: str, arguments: list[str],
                            modifiers: list[str], params: dict[str, str], wait: bool) -> None:
         """One word of nodes/words.py DISK_WORDS; `wait`: return once its job has ended or

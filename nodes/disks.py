@@ -1,10 +1,11 @@
 """domains/<name>/disks/: one folder per disk, named by its target (vda, sda, hdc).
 
 A disk's folder shows its element (`xml`, and `live.xml` while the domain runs), `info`,
-its backing `chain`, `stats` and the running block `job`; its `control` starts and ends
-block jobs (docs/disks.md).  `mkdir disks/vdb` and a disk element written into its `xml`
-plug a disk in; `rmdir` unplugs one.  Like every object folder, a disk's is kept from
-recursive deletes by its Guard: `rm -rf disks` removes nothing.
+its backing `chain`, `stats` and the block `job` (the running one, or how the last one
+ended); its `control` starts and ends block jobs (docs/disks.md).  `mkdir disks/vdb` and
+a disk element written into its `xml` plug a disk in; `rmdir` unplugs one.  Like every
+object folder, a disk's is kept from recursive deletes by its Guard: `rm -rf disks`
+removes nothing.
 """
 
 from __future__ import annotations
@@ -85,8 +86,14 @@ class BlockJobFile(QueryFile):
         super().__init__(ctx, cache_seconds=WATCHED_CACHE_SECONDS)
 
     async def render(self) -> bytes:
+        """The running job; with none, `last: TYPE STATUS` if one ended while we watched."""
         disk = _disk(self)
-        return key_values(await disk.host.disk_job(disk.domain_uuid, disk.key))  # type: ignore[arg-type]
+        job = await disk.host.disk_job(disk.domain_uuid, disk.key)  # type: ignore[arg-type]
+        if not job:
+            last = disk.host.disk_last_job(disk.domain_uuid, disk.key)  # type: ignore[arg-type]
+            if last is not None:
+                job = {"last": last}
+        return key_values(job)
 
 
 def usage() -> str:
