@@ -298,3 +298,48 @@ def test_redefine_after_undefine_and_define(guest: Guest, tmp_path: Path) -> Non
     sh(f"echo revert > {guest.snaps}/b/control")
     assert guest.state() == "running"
     assert os.readlink(guest.snaps / "current") == "b"
+
+
+def test_the_docs_live_snapshot_with_its_memory_in_a_file(guest: Guest) -> None:
+    """docs/snapshots.md's worked session, its `live` part, typed as written on a running
+    QEMU guest (the memory file in the guest's pool rather than /var/lib/libvirt/images):
+    QEMU takes `live` only with the memory saved to a file of its own."""
+    memory = guest.pool / "test.mem"
+    template = (f"<domainsnapshot><memory snapshot='external' file='{memory}'/>"
+                f"</domainsnapshot>")
+
+    def typed(line: str) -> str:
+        done = sh(line, cwd=guest.snaps, check=False)
+        assert done.returncode == 0, (line, done.stderr, sh("getfattr -n user.error .",
+                                                            cwd=guest.snaps, check=False))
+        return done.stdout
+
+    typed('setfattr -n user.description -v "before the upgrade" .')
+    typed("mkdir before-upgrade")
+    assert info(guest.snaps / "before-upgrade/info")["memory"] == "internal"
+    typed("setfattr -n user.flags -v atomic,live .")
+    typed(f'setfattr -n user.template -v "{template}" .')
+    typed("setfattr -x user.description .")
+    assert typed("getfattr -d .") == (f'# file: .\nuser.flags="atomic,live"\n'
+                                      f'user.template="{template}"\n\n')
+    typed("mkdir after-upgrade")           # uses the flags up; the template stays
+    assert typed("getfattr -d .") == f'# file: .\nuser.template="{template}"\n\n'
+    typed("setfattr -x user.template .")
+    assert typed("readlink current after-upgrade/parent") == \
+        "after-upgrade\n../before-upgrade\n"
+
+    # What it made: the memory in its file, the disk in a new overlay, the guest running.
+    facts = info(guest.snaps / "after-upgrade/info")
+    assert (facts["state"], facts["memory"]) == ("running", f"external {memory}")
+    assert facts["disk-vda"] == f"external {guest.pool}/disk.after-upgrade", facts
+    assert memory.stat().st_size > 0
+    assert live_disk(guest.folder) == facts["disk-vda"].split(" ", 1)[1]
+    assert guest.state() == "running"
+
+    # Without a memory file of its own, QEMU refuses `live`, and nothing is made.
+    typed("setfattr -n user.flags -v atomic,live .")
+    refused = sh("mkdir nope", cwd=guest.snaps, check=False)
+    assert refused.returncode, refused
+    assert "Operation not supported" in refused.stderr  # EOPNOTSUPP
+    assert "supported only during full system snapshots" in user_error(guest.snaps)
+    assert sorted(os.listdir(guest.snaps)) == ["after-upgrade", "before-upgrade", "current"]
