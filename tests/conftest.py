@@ -7,6 +7,7 @@ and fails the test if the filesystem logged a traceback.
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
@@ -62,15 +63,32 @@ def expect_errno(err: int, fn, *args) -> OSError:
 
 def eventually(check, timeout: float = 5.0):
     """Retry `check` until it passes: a mount shows changes made elsewhere within its
-    documented cache time (1 s by default), sooner when libvirt sends an event."""
+    documented cache time (1 s by default), sooner when libvirt sends an event.
+
+    `check` passes when it neither raises AssertionError nor returns exactly False: a
+    lambda that compares (`lambda: a == b`) returns a bool, and passing on False would make
+    the wait a silent no-op.  Its result is returned."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return check()
+            result = check()
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.1)
+        else:
+            if result is not False:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still False after {timeout} s: {_described(check)}")
+        time.sleep(0.1)
+
+
+def _described(check) -> str:
+    """What `check` tests, for a failure message: its source where Python has it."""
+    try:
+        return inspect.getsource(check).strip()
+    except (OSError, TypeError):
+        return repr(check)
 
 
 def libvirtd_clients_of(pid: int) -> int:
