@@ -21,6 +21,40 @@ import xattr
 
 REPO = Path(__file__).resolve().parent.parent
 
+QEMU_URI = os.environ.get("LIBVIRTFS_QEMU_URI", "")
+# pytestmark of a module whose tests all need the real libvirtd with QEMU.
+QEMU_ONLY = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(not QEMU_URI, reason="LIBVIRTFS_QEMU_URI is not set: start the real "
+                                            "libvirtd with `bash contrib/qemu-testbed.sh start` "
+                                            "and set it to qemu:///system"),
+]
+
+
+def guest_xml(name: str, disk: str | os.PathLike, *, hypervisor: str = "qemu", mib: int = 64,
+              target: str = "vda", description: str | None = None) -> str:
+    """A domain with no OS and one file disk at `target`, to define by `cp` or virsh.
+
+    With QEMU (the default) it is the test bed's smallest guest: 64 MiB, SeaBIOS running
+    forever, and a qcow2 disk (16 MiB is enough), which internal snapshots need.  With
+    hypervisor="test" the same shape for libvirt's test driver (no arch, no disk driver)."""
+    qemu = hypervisor == "qemu"
+    arch = " arch='x86_64'" if qemu else ""
+    driver = "\n      <driver name='qemu' type='qcow2'/>" if qemu else ""
+    about = f"\n  <description>{description}</description>" if description is not None else ""
+    return f"""<domain type='{hypervisor}'>
+  <name>{name}</name>{about}
+  <memory unit='MiB'>{mib}</memory>
+  <os><type{arch}>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>{driver}
+      <source file='{disk}'/>
+      <target dev='{target}' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"""
+
 
 def run(*command: str | os.PathLike, check: bool = True, cwd: str | os.PathLike | None = None,
         input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

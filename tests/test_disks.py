@@ -11,21 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, expect_errno, info, sh, user_error, write_file
+from conftest import Mounted, expect_errno, guest_xml, info, sh, user_error, write_file
 
 SERVED = ["chain", "control", "info", "job", "live.xml", "stats", "xml"]
-WEB = """<domain type='test'>
-  <name>web</name>
-  <memory unit='KiB'>131072</memory>
-  <os><type>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <source file='/guest/web.img'/>
-      <target dev='vdb' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-"""
+WEB = guest_xml("web", "/guest/web.img", hypervisor="test", mib=128, target="vdb")
 
 
 @pytest.fixture

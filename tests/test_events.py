@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, eventually, run, sh, write_file
+from conftest import Mounted, eventually, guest_xml, run, sh, write_file
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (\S+) (\S+) (\S+) (\S+)$")
 
@@ -333,21 +333,6 @@ def test_disconnect_and_reconnect_are_events(tmp_path: Path, mount_factory, read
 
 # -- QEMU: changes made by virsh reach the tree and the stream -----------------------------
 
-QEMU_GUEST = """<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-"""
-
-
 @pytest.fixture
 def qemu_guest(qemu_uri: str, tmp_path: Path):
     """(name, domain XML file) of a guest with a 16 MiB qcow2 disk, removed afterwards."""
@@ -355,7 +340,7 @@ def qemu_guest(qemu_uri: str, tmp_path: Path):
     disk = tmp_path / "disk.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", disk, "16M")
     document = tmp_path / f"{name}.xml"
-    document.write_text(QEMU_GUEST.format(name=name, disk=disk))
+    document.write_text(guest_xml(name, disk))
     yield name, document
     run("virsh", "-c", qemu_uri, "destroy", name, check=False, timeout=120)
     run("virsh", "-c", qemu_uri, "undefine", "--managed-save", name, check=False, timeout=120)

@@ -15,18 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import eventually, expect_errno, info, run, user_error, write_file
+from conftest import (
+    QEMU_ONLY,
+    QEMU_URI,
+    eventually,
+    expect_errno,
+    info,
+    run,
+    user_error,
+    write_file,
+)
 from test_qemu_snapshots import Guest, image, virsh
 from test_qemu_snapshots import guest as guest_fixture  # noqa: F401 (a fixture)
 
-QEMU_URI = os.environ.get("LIBVIRTFS_QEMU_URI", "")
-
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(not QEMU_URI, reason="LIBVIRTFS_QEMU_URI is not set: start the real "
-                                            "libvirtd with `bash contrib/qemu-testbed.sh start` "
-                                            "and set it to qemu:///system"),
-]
+pytestmark = QEMU_ONLY
 
 
 @pytest.fixture

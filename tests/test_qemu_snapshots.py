@@ -18,31 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, info, run, sh, user_error
+from conftest import QEMU_ONLY, QEMU_URI, Mounted, guest_xml, info, run, sh, user_error
 
-QEMU_URI = os.environ.get("LIBVIRTFS_QEMU_URI", "")
-
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(not QEMU_URI, reason="LIBVIRTFS_QEMU_URI is not set: start the real "
-                                            "libvirtd with `bash contrib/qemu-testbed.sh start` "
-                                            "and set it to qemu:///system"),
-]
-
-DOMAIN = """<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-"""
-
+pytestmark = QEMU_ONLY
 
 def virsh(*args: str, check: bool = True) -> str:
     return run("virsh", "-c", QEMU_URI, *args, check=check).stdout
@@ -100,7 +78,7 @@ def guest(mount_factory, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
     try:
         virsh("vol-create-as", name, "disk.qcow2", "16M", "--format", "qcow2")
         disk = pool / "disk.qcow2"
-        (tmp_path / "domain.xml").write_text(DOMAIN.format(name=name, disk=disk))
+        (tmp_path / "domain.xml").write_text(guest_xml(name, disk))
         virsh("define", str(tmp_path / "domain.xml"))
         virsh("start", name)
         yield Guest(name, pool, disk, mount_factory(f"lab={QEMU_URI}"))

@@ -18,28 +18,12 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from conftest import Mounted, eventually, libvirtd_clients_of, run, sh, write_file
+from conftest import Mounted, eventually, guest_xml, libvirtd_clients_of, run, sh, write_file
 from inprocess import InProcessMount, allow_in_a_thread
 from soak import Soak, growths, libvirt_view, mount_view, run_soak
 
 LONG = float(os.environ.get("LIBVIRTFS_SOAK_SECONDS", "0"))
 DOMAINS = 4  # four clients each: a controller, a snapshotter, a writer, a reader
-
-QEMU_GUEST = """<domain type='qemu'>
-  <name>{name}</name>
-  <description>soak</description>
-  <!-- 64 MiB, no OS (SeaBIOS runs forever), a 16 MiB qcow2 disk for internal snapshots -->
-  <memory unit='MiB'>64</memory>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-"""
 
 TEST_GUEST = """<domain type='test'>
   <name>{name}</name>
@@ -113,8 +97,8 @@ def test_soak_on_qemu(mount_factory, qemu_uri: str, qemu_domains: list[str], pre
                       tmp_path: Path) -> None:
     mounted: Mounted = mount_factory(f"lab={qemu_uri}")
     host = mounted.host("lab")
-    define_and_start(host, qemu_domains, lambda name: QEMU_GUEST.format(
-        name=name, disk=tmp_path / f"{name}.qcow2"))
+    define_and_start(host, qemu_domains, lambda name: guest_xml(
+        name, tmp_path / f"{name}.qcow2", description="soak"))
     count = None
     if qemu_uri == "qemu:///system" and shutil.which("virt-admin"):
         count = libvirtd_clients_of
