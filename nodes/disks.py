@@ -51,12 +51,22 @@ class DiskLiveXmlFile(QueryFile):
         return await disk.host.disk_xml(disk.domain_uuid, disk.key, True)  # type: ignore[arg-type]
 
 
-class DiskInfoFile(QueryFile):
+class DiskFactsFile(QueryFile):
+    """`key: value` lines of what the host's method `facts` says of the disk: `info` and
+    `stats` differ only by that method."""
+
     __slots__ = ()
+    facts: ClassVar[str]  # the name of a Host method taking (domain uuid, target)
 
     async def render(self) -> bytes:
         disk = _disk(self)
-        return key_values(await disk.host.disk_info(disk.domain_uuid, disk.key))  # type: ignore[arg-type]
+        facts = getattr(disk.host, self.facts)
+        return key_values(await facts(disk.domain_uuid, disk.key))
+
+
+class DiskInfoFile(DiskFactsFile):
+    __slots__ = ()
+    facts = "disk_info"
 
 
 class ChainFile(QueryFile):
@@ -68,15 +78,12 @@ class ChainFile(QueryFile):
         return "".join(f"{line}\n" for line in lines)
 
 
-class StatsFile(QueryFile):
+class StatsFile(DiskFactsFile):
     """Kept for cache_timeout like `info`: `watch cat stats` sees it move every second,
     and tar's stat and read agree."""
 
     __slots__ = ()
-
-    async def render(self) -> bytes:
-        disk = _disk(self)
-        return key_values(await disk.host.disk_stats(disk.domain_uuid, disk.key))  # type: ignore[arg-type]
+    facts = "disk_stats"
 
 
 class BlockJobFile(QueryFile):
