@@ -35,12 +35,28 @@ from libvirtfs.drivers.states import (
     version_string,
     volume_type_word,
 )
-from libvirtfs.drivers.tables import HostTables
+from libvirtfs.drivers.tables import DomainRow, HostTables, Table
 
 log = logging.getLogger(__name__)
 
 Info = dict[str, Any]
 T = TypeVar("T")
+
+
+def _state_words(row: DomainRow) -> tuple[str, str]:
+    return domain_state_word(row.state), domain_reason_word(row.state, row.reason)
+
+
+def _info_of(row: DomainRow) -> Info:
+    """A domain's `info`, from its row in a table refreshed in full."""
+    return {
+        "name": row.name,
+        "uuid": row.uuid,
+        "id": row.id if row.id >= 0 else "-",
+        "state": domain_state_word(row.state),
+        "reason": domain_reason_word(row.state, row.reason),
+        **(row.info or {}),
+    }
 
 
 def _domain(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
@@ -210,13 +226,37 @@ class Host(SnapshotCalls, DiskCalls):
         except (OSError, libvirt.libvirtError) as e:
             log.debug("pruning %s records: %s", kind, e)
 
+    # The `_now` forms answer from a table at hand, with no await (None: not at hand):
+    # the vfs answers a lookup of an expired `state` or `info` at once with them.
+    def domain_state_now(self, uuid: str) -> tuple[str, str] | None:
+        row = self._row_now(self.tables.domain, uuid)
+        return None if row is None else _state_words(row)
+
+    def domain_info_now(self, uuid: str) -> Info | None:
+        row = self._row_now(self.tables.domain, uuid, full=True)
+        return None if row is None or row.info is None else _info_of(row)
+
+    def pool_state_now(self, uuid: str) -> str | None:
+        row = self._row_now(self.tables.pool, uuid)
+        return None if row is None else pool_state_word(row.state)
+
+    def network_state_now(self, uuid: str) -> str | None:
+        row = self._row_now(self.tables.network, uuid)
+        return None if row is None else ("active" if row.state else "inactive")
+
+    def _row_now(self, table: Table[Any], uuid: str, *, full: bool = False) -> Any:
+        if not self.tables.enabled:
+            return None
+        rows = table.rows_now(full=full)
+        return None if rows is None else rows.get(uuid)
+
     async def domain_state(self, uuid: str, *, fresh: bool = False) -> tuple[str, str]:
         """(state, reason) words; `fresh`: asked of libvirt now, not of the table (what a
         control word checks before it is carried out)."""
         if self.tables.enabled and not fresh:
             row = (await self.tables.domain.rows()).get(uuid)
             if row is not None:
-                return domain_state_word(row.state), domain_reason_word(row.state, row.reason)
+                return _state_words(row)
 
         def fetch(conn: libvirt.virConnect) -> tuple[str, str]:
             state, reason = _domain(conn, uuid).state(0)
@@ -227,14 +267,7 @@ class Host(SnapshotCalls, DiskCalls):
         if self.tables.enabled:
             row = (await self.tables.domain.rows(full=True)).get(uuid)
             if row is not None and row.info is not None:
-                return {
-                    "name": row.name,
-                    "uuid": row.uuid,
-                    "id": row.id if row.id >= 0 else "-",
-                    "state": domain_state_word(row.state),
-                    "reason": domain_reason_word(row.state, row.reason),
-                    **row.info,
-                }
+                return _info_of(row)
 
         def fetch(conn: libvirt.virConnect) -> Info:
             dom = _domain(conn, uuid)

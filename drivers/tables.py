@@ -140,6 +140,10 @@ class Table(Generic[Row]):
             return refreshed_at is not None and now - refreshed_at < self.cache_timeout
         return True
 
+    def rows_now(self, *, full: bool = False) -> dict[str, Row] | None:
+        """`rows()` when that needs no fetch; else None."""
+        return self._rows if self._fresh(full) else None
+
     async def rows(self, *, full: bool = False) -> dict[str, Row]:
         """uuid -> row; `full`: with the refreshed part.  No thread hop while fresh."""
         if self._fresh(full):

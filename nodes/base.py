@@ -354,6 +354,10 @@ class QueryFile(File):
         assert self._render is not None
         return await self._render()
 
+    def render_now(self) -> bytes | str | None:
+        """What `render()` gives, when that needs no wait (a table at hand); else None."""
+        return None
+
     def invalidate(self) -> None:
         self._generation += 1
         self._fetched_at = None
@@ -371,9 +375,16 @@ class QueryFile(File):
         return self._fetched_at is not None and self.ctx.clock() - self._fetched_at < limit
 
     def content_now(self) -> bytes | None:
-        if type(self).content is not QueryFile.content or not self.fresh():
+        if type(self).content is not QueryFile.content:
             return None
-        return self._cached
+        if self.fresh():
+            return self._cached
+        if self._lock is not None:  # a rendering is under way: it answers first
+            return None
+        data = self.render_now()
+        if data is None:
+            return None
+        return self._keep(data, self._generation, self.ctx.clock())
 
     async def content(self) -> bytes:
         if self.fresh():
@@ -395,17 +406,22 @@ class QueryFile(File):
                     raise
                 generation = self._generation
                 data = await self.render()
-            if isinstance(data, str):
-                data = data.encode()
-            digest = hash(data)
-            if self._digest is not None and digest != self._digest:
-                self.touch()
-                self.ctx.changed(self)
-            self._digest = digest
-            if generation == self._generation:  # else a change landed while we asked
-                self._cached, self._fetched_at = data, fetched_at
-                self.ctx.rendered(self, fetched_at)
-            return data
+            return self._keep(data, generation, fetched_at)
+
+    def _keep(self, data: bytes | str, generation: int, fetched_at: float) -> bytes:
+        """A rendering made at `fetched_at`: mtime moves if it differs from the last one,
+        and it is kept unless a change landed (`generation`) while it was being made."""
+        if isinstance(data, str):
+            data = data.encode()
+        digest = hash(data)
+        if self._digest is not None and digest != self._digest:
+            self.touch()
+            self.ctx.changed(self)
+        self._digest = digest
+        if generation == self._generation:  # else a change landed while we asked
+            self._cached, self._fetched_at = data, fetched_at
+            self.ctx.rendered(self, fetched_at)
+        return data
 
 
 class Symlink(Node):

@@ -282,6 +282,15 @@ class DomainDirectory(ObjectDirectory):
     async def info(self) -> dict[str, Any]:
         return await self.host.domain_info(self.key)  # type: ignore[arg-type]
 
+    def state_now(self) -> str | None:
+        if self.key is None:
+            return None
+        states = self.host.domain_state_now(self.key)
+        return None if states is None else states[0]
+
+    def info_now(self) -> dict[str, Any] | None:
+        return None if self.key is None else self.host.domain_info_now(self.key)
+
     async def words(self) -> list[str]:
         """The words of the state; then `abort` while a job runs, or else `migrate` where
         it can be done (listed bare, as `wait` is: written bare, it is refused with its

@@ -237,6 +237,15 @@ class HostDirectory(StaticDirectory):
             return self._events_file
         return await super().find(name)
 
+    def children_now(self) -> dict[str, Node] | None:
+        return self._by_name if self.host is not None and self._built else None
+
+    def find_now(self, name: str) -> tuple[bool, Node | None]:
+        if name == "events" and not self.pending:
+            return True, self._events_file
+        children = self.children_now()
+        return (False, None) if children is None else (True, children.get(name))
+
     def apply(self, change: Change) -> list[Node]:
         """Drop cached renderings that an event made stale, tell the kernel, and have the
         collections it touches listed again soon (`keep_listed`); returns the nodes
@@ -300,6 +309,9 @@ class HostsDirectory(Directory):
         return self.lifecycle is not None and not self.ctx.read_only
 
     async def children(self, *, refresh: bool = False) -> dict[str, Node]:
+        return self._by_name
+
+    def children_now(self) -> dict[str, Node] | None:
         return self._by_name
 
     def host_directories(self) -> dict[str, HostDirectory]:

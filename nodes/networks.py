@@ -29,5 +29,8 @@ class NetworkDirectory(ObjectDirectory):
     async def info(self) -> dict[str, Any]:
         return await self.host.network_info(self.key)  # type: ignore[arg-type]
 
+    def state_now(self) -> str | None:
+        return None if self.key is None else self.host.network_state_now(self.key)
+
     async def words(self) -> list[str]:
         return ["stop"] if await self.state() == "active" else ["start"]

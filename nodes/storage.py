@@ -43,6 +43,9 @@ class PoolDirectory(ObjectDirectory):
     async def info(self) -> dict[str, Any]:
         return await self.host.pool_info(self.key)  # type: ignore[arg-type]
 
+    def state_now(self) -> str | None:
+        return None if self.key is None else self.host.pool_state_now(self.key)
+
     async def words(self) -> list[str]:
         return POOL_WORDS_BY_STATE.get(await self.state(), [])
 
