@@ -47,6 +47,10 @@ class Handle:
     async def write(self, offset: int, buf: bytes) -> int:
         raise OSError(errno.EBADF, f"{self.node.path} is not open for writing")
 
+    def fixed_length(self) -> int | None:
+        """The length of what reads give, when it was fixed at open (None: it was not)."""
+        return None
+
     def stream_size(self) -> int | None:
         """The st_size this handle's program sees, for streams (None: the file's own)."""
         return None
@@ -91,6 +95,9 @@ class ContentHandle(Handle):
         if type(self).read is not ContentHandle.read:
             return None
         return self.data[offset:offset + size]
+
+    def fixed_length(self) -> int | None:
+        return len(self.data) if type(self).read is ContentHandle.read else None
 
 
 class DocumentHandle(Handle):

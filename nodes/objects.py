@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import functools
 import math
+import stat
 import sys
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -56,12 +57,20 @@ class StateFile(QueryFile):
     async def render(self) -> bytes:
         return word(await folder(self).state())
 
+    def render_now(self) -> bytes | None:
+        state = folder(self).state_now()
+        return None if state is None else word(state)
+
 
 class InfoFile(QueryFile):
     __slots__ = ()
 
     async def render(self) -> bytes:
         return key_values(await folder(self).info())
+
+    def render_now(self) -> bytes | None:
+        info = folder(self).info_now()
+        return None if info is None else key_values(info)
 
 
 class AutostartFile(FlagFile):
@@ -193,6 +202,13 @@ class ObjectDirectory(Directory):
     async def info(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    # `state()` and `info()` when they need no wait (a host's table at hand), else None.
+    def state_now(self) -> str | None:
+        return None
+
+    def info_now(self) -> dict[str, Any] | None:
+        return None
+
     async def words(self) -> list[str]:
         """The control words that make sense now (reading `control`)."""
         raise NotImplementedError
@@ -261,8 +277,12 @@ class ObjectDirectory(Directory):
                 child.invalidate()
 
     def invalidate_all(self) -> None:
+        """After a change through the mount: renderings go, and the kernel forgets the
+        files' attributes, so that a `stat` right after shows the new size."""
         for node in self.walk_known():
             node.invalidate()
+            if node.file_type == stat.S_IFREG:
+                self.ctx.changed(node)
 
     def _served_key(self, name: str) -> Hashable:
         return (name, self.key) if name in self.per_object else name
@@ -316,25 +336,24 @@ class ObjectDirectory(Directory):
 
     async def find(self, name: str) -> Node | None:
         """A lookup makes the file it names, not the whole folder."""
-        if not self.fixed or self.key is None:
-            return await super().find(name)
-        if not self._built():
-            if self._ever_scanned:  # its key changed: list again, matching what was made
-                return await super().find(name)
-            self._built_key, self._built_xml = self.key, self._xml_created
-            self._partial = self._ever_scanned = True
-        node = self._by_name.get(name)
-        if node is None and self._partial:
-            node = self._make(name)
-        if node is None and self._scratch:
-            node = self._scratch.get(name)
-        return node
+        known, node = self._find_fixed(name)
+        return node if known else await super().find(name)
 
     def find_now(self, name: str) -> tuple[bool, Node | None]:
-        # find() of a built folder of fixed files waits for nothing: do the same.
-        if (type(self).find is not ObjectDirectory.find or not self.fixed or self.key is None
-                or not self._built()):
+        if type(self).find is not ObjectDirectory.find:
             return False, None
+        return self._find_fixed(name)
+
+    def _find_fixed(self, name: str) -> tuple[bool, Node | None]:
+        """(True, the file) in a folder of fixed files, which waits for nothing, not even
+        the first time (the vfs answers at once); (False, None): it must be listed."""
+        if not self.fixed or self.key is None:
+            return False, None
+        if not self._built():
+            if self._ever_scanned:  # its key changed: list again, matching what was made
+                return False, None
+            self._built_key, self._built_xml = self.key, self._xml_created
+            self._partial = self._ever_scanned = True
         node = self._by_name.get(name)
         if node is None and self._partial:
             node = self._make(name)

@@ -5,7 +5,9 @@ Nodes report changes through the Context callbacks (`changed`, `entry_changed`);
 queues them without bound (an event storm must not drop one, or a `stat` shows a ghost
 until the kernel's timeout) and without duplicates, and tells the kernel from a task of its
 own: pyfuse3's invalidations wait for requests on the same folder to finish, so calling them
-inside a request handler can deadlock.
+inside a request handler can deadlock.  A write that changed something waits (`told`, with a
+time limit) until what it queued has been told: the `stat` that follows `echo suspend >
+control` must not show the size of the state before.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ class _Forget(NamedTuple):
 class KernelCache(Generic[N]):
     def __init__(self, inodes: InodeTable[N]) -> None:
         self._inodes = inodes
-        self._queue: dict[_Forget, None] = {}  # ordered, and each item once
+        # Each item once, in the order of its last queueing, with that queueing's number.
+        self._queue: dict[_Forget, int] = {}
         self._wakeup = trio.Event()
+        self.queued = 0  # items queued so far
+        self._told = 0  # every item queued up to this number has been told
+        self._progress = trio.Event()
 
     # -- called by nodes (Context callbacks), never blocking ---------------------------
 
@@ -50,8 +56,18 @@ class KernelCache(Generic[N]):
         self._put(_Forget(directory.id, name, gone.id if gone is not None else 0))
 
     def _put(self, item: _Forget) -> None:
-        self._queue[item] = None
+        self.queued += 1
+        self._queue.pop(item, None)
+        self._queue[item] = self.queued
         self._wakeup.set()
+
+    async def told(self, limit: float = 2.0) -> None:
+        """Return once everything queued before this call has been told to the kernel, or
+        after `limit` seconds (an invalidation can wait for a request that waits)."""
+        target = self.queued
+        with trio.move_on_after(limit):
+            while self._told < target:
+                await self._progress.wait()
 
     def pending(self) -> int:
         return len(self._queue)
@@ -64,14 +80,16 @@ class KernelCache(Generic[N]):
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 continue
-            item = next(iter(self._queue))
+            item, number = next(iter(self._queue.items()))
             del self._queue[item]
-            if self._inodes.known(item.inode) is None:
-                continue  # the kernel holds nothing of it
-            if item.deleted and self._inodes.known(item.deleted) is None:
-                item = item._replace(deleted=0)
-            # Abandoned at unmount: an invalidation may wait for a request nobody serves.
-            await trio.to_thread.run_sync(_tell, item, abandon_on_cancel=True)
+            if self._inodes.known(item.inode) is not None:  # else the kernel holds nothing
+                if item.deleted and self._inodes.known(item.deleted) is None:
+                    item = item._replace(deleted=0)
+                # Abandoned at unmount: an invalidation may wait for a request nobody serves.
+                await trio.to_thread.run_sync(_tell, item, abandon_on_cancel=True)
+            self._told = number
+            self._progress.set()
+            self._progress = trio.Event()
 
 
 def _tell(item: _Forget) -> None:

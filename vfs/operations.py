@@ -33,6 +33,7 @@ from libvirtfs.vfs.callers import CallerInodes
 from libvirtfs.vfs.handles import HandleTable
 from libvirtfs.vfs.inodes import InodeTable
 from libvirtfs.vfs.kernel_cache import KernelCache
+from libvirtfs.vfs.page_cache import SizesTold
 from libvirtfs.vfs.pending import Pending, unless_interrupted, unless_killed
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def _fuse_errors(now: Callable[..., Any] | None = None
                     result = now(*args, **kwargs)
                     if result is not _SLOW:
                         return result
+                counters.WAITED[name] = counters.WAITED.get(name, 0) + 1
                 with operations.pending.request():  # unmounting ends it (vfs/pending.py)
                     return await fn(*args, **kwargs)
             except pyfuse3.FUSEError as e:
@@ -137,6 +139,7 @@ class Operations(pyfuse3.Operations):
         self.kernel_cache = KernelCache(self.inodes)
         self.callers = CallerInodes(ctx, self.inodes)
         self.pending = Pending()
+        self.sizes = SizesTold()  # which opens may use the page cache (vfs/page_cache.py)
         # fh -> the program that opened it, for handles whose writes may wait long
         self._writers: dict[int, int] = {}
         # fh -> (node id, opening thread, its program), for handles whose reads may wait
@@ -195,6 +198,8 @@ class Operations(pyfuse3.Operations):
         # per-program inodes hear of no change: nothing about them is cached.
         timeout = 0 if node.per_caller or node.uncached else self.ctx.cache_timeout
         attrs.entry_timeout = attrs.attr_timeout = timeout
+        if timeout and node.file_type == stat.S_IFREG:
+            self.sizes.told(attrs.st_ino, size, self.ctx.clock(), timeout)
         attrs.st_mode = permissions.file_mode(node)  # the policy: vfs/permissions.py
         # 1 means "count unknown" to find(1), which then never skips subfolders.
         attrs.st_nlink = 1
@@ -273,6 +278,8 @@ class Operations(pyfuse3.Operations):
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.inodes.forget(inode, count)
+            if self.inodes.known(inode) is None:
+                self.sizes.forget(inode)
 
     def _getattr_now(self, inode: int, ctx: Any = None) -> Any:
         node = self.inodes.get(inode).resolve()
@@ -468,7 +475,7 @@ class Operations(pyfuse3.Operations):
         handle = node.open_now(flags)
         if handle is None or handle.reads_may_wait:
             return _SLOW
-        return self._file_info(handle)
+        return self._file_info(handle, inode)
 
     @_fuse_errors(_open_now)
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
@@ -476,7 +483,7 @@ class Operations(pyfuse3.Operations):
         if not isinstance(node, File):
             raise fs_error(errno.EISDIR, f"{node.path} is a folder")
         if not opens_for_writing(flags):
-            info = self._file_info(await node.open_handle(flags))
+            info = self._file_info(await node.open_handle(flags), inode)
             if self.handles.get(info.fh).reads_may_wait:
                 if len(self._readers) >= MAX_STREAM_READERS:
                     await self.release(info.fh)
@@ -499,8 +506,14 @@ class Operations(pyfuse3.Operations):
             node.creator = getattr(ctx, "uid", None)
         return node
 
-    def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
+    def _file_info(self, handle: Handle, inode: int = 0) -> pyfuse3.FileInfo:
+        """`direct_io` unless the kernel surely holds the size of what `handle` reads
+        (vfs/page_cache.py); the page cache is emptied at every open all the same."""
+        length = handle.fixed_length()
+        cached = (length is not None and inode != 0
+                  and self.sizes.settled_at(inode, length, self.ctx.clock()))
+        return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=not cached,
+                                keep_cache=False)
 
     @_fuse_errors()
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -536,8 +549,12 @@ class Operations(pyfuse3.Operations):
         handle = self.handles.get(fh)
         # A control word may wait long; a writer killed meanwhile must be let go.  Other
         # writes only fill a buffer: no watcher for them (pid 0).
-        return await unless_killed(self._writers.get(fh, 0),
-                                   lambda: handle.write(off, buf))
+        queued = self.kernel_cache.queued
+        written = await unless_killed(self._writers.get(fh, 0),
+                                      lambda: handle.write(off, buf))
+        if self.kernel_cache.queued != queued:  # it changed something: `stat` shows it
+            await self.kernel_cache.told()
+        return written
 
     def _flush_now(self, fh: int) -> Any:
         """A reader's close() (and a writer's that wrote nothing since): nothing to do.
@@ -548,7 +565,10 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors(_flush_now)
     async def flush(self, fh: int) -> None:
+        queued = self.kernel_cache.queued
         await self.handles.get(fh).flush()
+        if self.kernel_cache.queued != queued:  # a document was committed: `stat` shows it
+            await self.kernel_cache.told()
 
     @_fuse_errors()
     async def fsync(self, fh: int, datasync: bool) -> None:

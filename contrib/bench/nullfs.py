@@ -5,8 +5,10 @@ domains/VM/{state,info,xml,live.xml,job,autostart,control,snapshots/} with const
 contents, served the way libvirtfs serves them (vfs/operations.py, mount/serve.py): the
 same FUSE mount options (default_permissions, no writeback cache), entry and attribute
 timeouts of cache_timeout (0 for control and autostart, whose inodes libvirtfs makes per
-program), direct_io and no kept page cache on open, `.` and `..` in readdir, negative
-entries for missing names in domains/, a FLUSH answered on every close, ENOATTR for
+program), the page cache emptied at every open and `direct_io` only for the files with
+no cached attributes (libvirtfs's rule when contents do not change: vfs/page_cache.py),
+`.` and `..` in readdir, negative entries for missing names in domains/, a FLUSH answered
+on every close, ENOATTR for
 `user.` extended attributes and ENOTSUP for every other namespace (what libvirtfs aims
 to answer), the same limit of 1000 requests at once.  Inode numbers are arithmetic: it
 keeps no object per file, so its cost is pyfuse3's and the kernel's alone.
@@ -240,9 +242,12 @@ class NullFS(pyfuse3.Operations):
 
     @counted
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        if self.kind(inode)[0] != "file":
+        kind, what = self.kind(inode)
+        if kind != "file":
             raise pyfuse3.FUSEError(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+        own_timeout = what[2]
+        cached = (self.timeout if own_timeout is None else own_timeout) > 0
+        return pyfuse3.FileInfo(fh=inode, direct_io=not cached, keep_cache=False)
 
     @counted
     async def read(self, fh: int, off: int, size: int) -> bytes:
