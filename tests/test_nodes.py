@@ -225,7 +225,11 @@ async def test_what_is_at_hand_is_answered_at_once_and_only_that(testhost: Host)
     assert alpha.size_now() == 0
     state = await alpha.lookup("state")
     assert isinstance(state, QueryFile)
-    assert state.size_now() is None and state.open_now(os.O_RDONLY) is None  # not rendered
+    xml = await alpha.lookup("xml")
+    assert xml.size_now() is None and xml.open_now(os.O_RDONLY) is None  # not rendered
+    # `state` comes from the host's table, which is at hand: rendered at once, the same
+    # bytes as the slow way.
+    assert state.size_now() == 8 and state.content_now() == b"running\n"
     assert alpha.find_now("state") == (True, state)
     assert alpha.find_now("nosuch") == (True, None)
 
@@ -237,10 +241,14 @@ async def test_what_is_at_hand_is_answered_at_once_and_only_that(testhost: Host)
     assert handle.flush_now() and handle.release_now()
     assert state.open_now(os.O_WRONLY) is None and state.open_now(os.O_RDWR) is None
 
-    now[0] += 1  # cache_timeout later: nothing is at hand any more
-    assert state.size_now() is None and state.open_now(os.O_RDONLY) is None
+    now[0] += 1  # cache_timeout later: no kept rendering or listing is at hand any more
+    assert xml.size_now() is None and xml.open_now(os.O_RDONLY) is None
     assert domains.find_now("alpha") == (False, None)
     assert (await host_dir.lookup("status")).size_now() is None  # rendered at every read
+    testhost.stale("domain")  # and once the host's table is not at hand, `state` is not
+    assert state.size_now() is None and state.open_now(os.O_RDONLY) is None
+    assert await state.size() == 8
+    assert state.size_now() == 8
 
     xml, document = await open_file(testhost, "domains/alpha/xml", os.O_RDWR)
     assert isinstance(document, DocumentHandle)
