@@ -330,12 +330,45 @@ def _checked(data: bytes, target: str) -> str:
     return etree.tostring(element, encoding=str)
 
 
+# QEMU's refusal of a media change whose tray it has closed (blockdev-remove-medium and
+# blockdev-insert-medium say it in two spellings).
+_TRAY_NOT_OPEN = re.compile(r"Tray of (the )?device\b.*\bis not open")
+
+
+def _stale_tray(dom: libvirt.virDomain, target: str, error: libvirt.libvirtError) -> bool:
+    """Whether libvirt failed a media change because it believes the tray open while QEMU
+    has it closed: a guest that resets its IDE channel (SRST: its firmware as it probes
+    the drives, an OS's driver too) makes QEMU close the tray without an event, and
+    libvirt, which opens the tray only when it believes it closed, fails every change of
+    this drive until the guest is reset or restarted."""
+    if not _TRAY_NOT_OPEN.search(error.get_error_message() or ""):
+        return False
+    try:
+        disk = _find(_document(dom, live=True), target) if dom.isActive() else None
+    except libvirt.libvirtError:
+        return False
+    found = disk.find("target") if disk is not None else None
+    return found is not None and found.get("tray") == "open"
+
+
 def update_disk(conn: libvirt.virConnect, uuid: str, target: str, data: bytes) -> None:
     """A new `xml` for an existing disk: updateDeviceFlags (a CD-ROM's media, say)."""
     xml = _checked(data, target)
     dom = _domain(conn, uuid)
     _element(dom, target, live=False)
-    dom.updateDeviceFlags(xml, _device_flags(dom))
+    try:
+        dom.updateDeviceFlags(xml, _device_flags(dom))
+    except libvirt.libvirtError as e:
+        if not _stale_tray(dom, target, e):
+            raise
+        raise DriverError(
+            errno.EBUSY,
+            f"libvirt believes the tray of {target!r} open, but QEMU has it closed: the "
+            f"guest reset the drive (its firmware does while it boots, an OS as it probes "
+            f"its drives), which closes the tray without telling libvirt; libvirt changes "
+            f"no media in this drive until the guest is reset (echo reset > control) or "
+            f"restarted.  libvirt said: {e.get_error_message()}",
+            e.get_error_code()) from None
 
 
 def attach_disk(conn: libvirt.virConnect, uuid: str, target: str, data: bytes) -> None:
