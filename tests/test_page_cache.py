@@ -5,6 +5,7 @@ from the host's table at once, without a wait (`waited.` counts)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import libvirt
@@ -129,3 +130,22 @@ def test_states_changed_behind_the_mount_are_never_read_cut_short(tmp_path, monk
             domain.resume()
         conn.close()
         mounted.stop()
+
+
+def test_a_reader_gets_what_it_opened_while_the_size_changes(mount_factory) -> None:
+    """A reader opened `state` ("running\\n") and has not read yet; the domain is suspended
+    through the mount and the reader's own fstat asks the size again: it still reads the
+    8 bytes it opened, not 7 of them, and the size it is shown is 8 until it closes."""
+    mounted = mount_factory("test:///default", options="cache_timeout=30")
+    domain = mounted.host() / "domains/test"
+    run("ls", "-l", domain)  # the size is told: the open reads through the page cache
+    try:
+        with open(domain / "state", "rb", buffering=0) as reader:
+            write_file(domain / "control", "suspend\n")
+            assert os.fstat(reader.fileno()).st_size == 8
+            assert reader.read(4096) == b"running\n"
+            assert reader.read(4096) == b""
+        assert run("cat", domain / "state").stdout == "paused\n"
+        assert run("stat", "-c", "%s", domain / "state").stdout == "7\n"
+    finally:
+        write_file(domain / "control", "resume\n")

@@ -140,6 +140,7 @@ class Operations(pyfuse3.Operations):
         self.callers = CallerInodes(ctx, self.inodes)
         self.pending = Pending()
         self.sizes = SizesTold()  # which opens may use the page cache (vfs/page_cache.py)
+        self._pinned: dict[int, int] = {}  # fh -> inode, of opens through the page cache
         # fh -> the program that opened it, for handles whose writes may wait long
         self._writers: dict[int, int] = {}
         # fh -> (node id, opening thread, its program), for handles whose reads may wait
@@ -197,9 +198,15 @@ class Operations(pyfuse3.Operations):
         # Files with an inode per program are looked up by each program anew, and their
         # per-program inodes hear of no change: nothing about them is cached.
         timeout = 0 if node.per_caller or node.uncached else self.ctx.cache_timeout
-        attrs.entry_timeout = attrs.attr_timeout = timeout
         if timeout and node.file_type == stat.S_IFREG:
-            self.sizes.told(attrs.st_ino, size, self.ctx.clock(), timeout)
+            now = self.ctx.clock()
+            pinned = self.sizes.pinned(attrs.st_ino, now)
+            if pinned is not None and pinned != size:
+                # An open reading through the page cache would be cut at the new size:
+                # its length, kept by nobody, until it is released (vfs/page_cache.py).
+                size, timeout = pinned, 0
+            self.sizes.told(attrs.st_ino, size, now, timeout)
+        attrs.entry_timeout = attrs.attr_timeout = timeout
         attrs.st_mode = permissions.file_mode(node)  # the policy: vfs/permissions.py
         # 1 means "count unknown" to find(1), which then never skips subfolders.
         attrs.st_nlink = 1
@@ -510,10 +517,15 @@ class Operations(pyfuse3.Operations):
         """`direct_io` unless the kernel surely holds the size of what `handle` reads
         (vfs/page_cache.py); the page cache is emptied at every open all the same."""
         length = handle.fixed_length()
+        now = self.ctx.clock()
         cached = (length is not None and inode != 0
-                  and self.sizes.settled_at(inode, length, self.ctx.clock()))
-        return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=not cached,
-                                keep_cache=False)
+                  and self.sizes.settled_at(inode, length, now))
+        fh = self.handles.add(handle)
+        if cached:
+            assert length is not None
+            self.sizes.pin(inode, fh, length, now + self.ctx.cache_timeout)
+            self._pinned[fh] = inode
+        return pyfuse3.FileInfo(fh=fh, direct_io=not cached, keep_cache=False)
 
     @_fuse_errors()
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -580,13 +592,20 @@ class Operations(pyfuse3.Operations):
             return _SLOW
         self._writers.pop(fh, None)
         self._readers.pop(fh, None)
+        self._unpin(fh)
         self.handles.pop(fh)
         return None
+
+    def _unpin(self, fh: int) -> None:
+        inode = self._pinned.pop(fh, None)
+        if inode is not None:
+            self.sizes.unpin(inode, fh)
 
     @_fuse_errors(_release_now)
     async def release(self, fh: int) -> None:
         self._writers.pop(fh, None)
         self._readers.pop(fh, None)
+        self._unpin(fh)
         handle = self.handles.pop(fh)
         if handle is not None:
             await handle.release()

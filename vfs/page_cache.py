@@ -17,6 +17,13 @@ quarters of its timeout: a read through the page cache that finds the kernel's a
 expired asks for them again first (GETATTR), which on a host slower than `cache_timeout`
 would be one more rendering per reader.  Any other open keeps `direct_io`: it serves
 exactly the bytes of the open, whatever size the kernel believes.
+
+An open through the page cache pins its length until it is released (or `cache_timeout`
+has passed): an attribute reply for the inode meanwhile says that length, with no time to
+keep it, even if the content has changed since, because the kernel would end that open's
+reads at the new size (a `cat` whose own fstat came after a change read `running` without
+its newline).  It is the size of what the open reads; opens made meanwhile see that the
+told size is not their content's, and read with `direct_io`.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class SizesTold:
         self._told: dict[int, tuple[int, float]] = {}
         # inode -> until when a different, earlier size may still be held by the kernel
         self._unsettled: dict[int, float] = {}
+        # inode -> {fh: (length, until)}: opens reading through the page cache
+        self._pins: dict[int, dict[int, tuple[int, float]]] = {}
 
     def __len__(self) -> int:
         return len(self._told)
@@ -58,6 +67,27 @@ class SizesTold:
             return False
         del self._unsettled[inode]
         return True
+
+    def pin(self, inode: int, fh: int, length: int, until: float) -> None:
+        """Open `fh` reads `length` bytes of `inode` through the page cache."""
+        self._pins.setdefault(inode, {})[fh] = (length, until)
+
+    def unpin(self, inode: int, fh: int) -> None:
+        pins = self._pins.get(inode)
+        if pins is not None:
+            pins.pop(fh, None)
+            if not pins:
+                del self._pins[inode]
+
+    def pinned(self, inode: int, now: float) -> int | None:
+        """The length an open through the page cache reads, while one does."""
+        pins = self._pins.get(inode)
+        if not pins:
+            return None
+        for length, until in pins.values():
+            if now < until:
+                return length
+        return None
 
     def forget(self, inode: int) -> None:
         """The kernel dropped the inode, and with it every size it held."""
