@@ -7,6 +7,7 @@ and fails the test if the filesystem logged a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import signal
@@ -123,6 +124,25 @@ def _described(check) -> str:
         return inspect.getsource(check).strip()
     except (OSError, TypeError):
         return repr(check)
+
+
+def holding_open(process: subprocess.Popen, name: str = "events", count: int = 1,
+                 timeout: float = 10.0) -> None:
+    """Wait until `process` holds `count` files called `name` open (its /proc/PID/fd), or
+    has ended: a reader of an events file gets every line from its open on, so this is
+    the moment a test may make the events it expects (a fixed sleep is too short on a
+    loaded machine, and too long on a quiet one)."""
+    def opened() -> None:
+        if process.poll() is not None:
+            return
+        held = 0
+        with contextlib.suppress(FileNotFoundError):
+            for fd in os.listdir(f"/proc/{process.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{process.pid}/fd/{fd}").endswith(f"/{name}"):
+                        held += 1
+        assert held >= count, f"{process.args} holds {held} of {count} {name} files open"
+    eventually(opened, timeout=timeout)
 
 
 def libvirtd_clients_of(pid: int) -> int:

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, eventually, guest_xml, run, sh, write_file
+from conftest import Mounted, eventually, guest_xml, holding_open, run, sh, write_file
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (\S+) (\S+) (\S+) (\S+)$")
 
@@ -60,7 +60,7 @@ def readers(tmp_path: Path):
     def start(*command: str | Path) -> Reader:
         reader = Reader([str(c) for c in command], tmp_path / f"reader-{len(started)}.out")
         started.append(reader)
-        time.sleep(0.3)  # it has opened the file
+        holding_open(reader.process, count=max(1, sum("/events" in str(c) for c in command)))
         return reader
 
     yield start

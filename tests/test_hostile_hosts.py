@@ -20,6 +20,7 @@ from conftest import (
     Mounted,
     eventually,
     expect_errno,
+    holding_open,
     run,
     sh,
     start_mount,
@@ -332,7 +333,8 @@ def test_a_hundred_readers_killed_at_once_leave_the_mount_well(demo: Mounted) ->
     before = rss_kib(demo.process.pid)
     readers = [subprocess.Popen(["cat", events], stdout=subprocess.DEVNULL)
                for _ in range(100)]
-    time.sleep(2)
+    for reader in readers:
+        holding_open(reader, timeout=20)
     # Every reader waits in a read: the rest of the mount answers all the same (a `cat`
     # with a timeout, so that a frozen mount fails the test instead of hanging it).
     began = time.monotonic()
@@ -407,7 +409,8 @@ def test_kill_9_of_the_filesystem_ends_waiting_readers(tmp_path: Path) -> None:
                                     text=True) for _ in range(3)]
         grep = subprocess.Popen(["grep", "-m1", "never", mounted.host() / "events"],
                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(1)
+        for reader in [*readers, grep]:
+            holding_open(reader)
         mounted.process.kill()
         mounted.process.wait(timeout=5)
         for reader in [*readers, grep]:

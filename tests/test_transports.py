@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import eventually, run, sh, write_file
+from conftest import eventually, holding_open, run, sh, write_file
 from remote_daemons import ExtraLibvirtd, Pki, Sshd
 
 GUEST = """<domain type='qemu'>
@@ -163,7 +162,7 @@ def test_qemu_ssh_beside_a_local_host_and_a_dropped_connection(
     events = subprocess.Popen(["cat", hosts / "far/events"], stdout=subprocess.PIPE,
                               text=True)
     try:
-        time.sleep(0.3)  # the reader is registered before the drop
+        holding_open(events)  # the reader is registered before the drop
         killed = sshd.drop_connections()
         assert killed
         status = hosts / "far/status"
