@@ -251,18 +251,20 @@ class HostTables:
                 raise
             stats = [(dom, _state_stats(dom)) for dom in conn.listAllDomains(0)]
         rows = {}
+        listed = []  # (domain, its stats, its row): each asked for its UUID once
         for dom, values in stats:
             uuid = dom.UUIDString()
-            rows[uuid] = DomainRow(uuid, dom.name(), dom.ID(), values.get("state.state", 0),
-                                   values.get("state.reason", 0))
+            row = rows[uuid] = DomainRow(uuid, dom.name(), dom.ID(),
+                                         values.get("state.state", 0),
+                                         values.get("state.reason", 0))
+            listed.append((dom, values, row))
         self._listed(conn, "domain", list(rows), since)
         if full:
             flags = {"persistent": libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT,
                      "autostart": libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART,
                      "managed-save": libvirt.VIR_CONNECT_LIST_DOMAINS_MANAGEDSAVE}
             having = {key: _uuids(conn.listAllDomains, flag) for key, flag in flags.items()}
-            for dom, values in stats:
-                row = rows[dom.UUIDString()]
+            for dom, values, row in listed:
                 row.info = _domain_info(dom, row, values)
                 for key, uuids in having.items():
                     row.info[key] = (row.uuid in uuids if uuids is not None
