@@ -149,3 +149,22 @@ def test_a_reader_gets_what_it_opened_while_the_size_changes(mount_factory) -> N
         assert run("stat", "-c", "%s", domain / "state").stdout == "7\n"
     finally:
         write_file(domain / "control", "resume\n")
+
+
+def test_a_slow_reader_gets_what_it_opened_after_the_cache_time(mount_factory) -> None:
+    """A program opens `state` ("running\\n"), is busy for longer than cache_timeout (an
+    editor, a loaded machine), and the domain is suspended meanwhile: its read still gives
+    the 8 bytes it opened, not "running" cut at the new size."""
+    mounted = mount_factory("test:///default", options="cache_timeout=0.5")
+    domain = mounted.host() / "domains/test"
+    run("ls", "-l", domain)  # the size is told: the open reads through the page cache
+    try:
+        with open(domain / "state", "rb", buffering=0) as reader:
+            time.sleep(0.8)
+            write_file(domain / "control", "suspend\n")
+            assert reader.read(4096) == b"running\n"
+            assert os.fstat(reader.fileno()).st_size == 8
+        assert run("cat", domain / "state").stdout == "paused\n"
+        assert run("stat", "-c", "%s", domain / "state").stdout == "7\n"
+    finally:
+        write_file(domain / "control", "resume\n")

@@ -200,7 +200,7 @@ class Operations(pyfuse3.Operations):
         timeout = 0 if node.per_caller or node.uncached else self.ctx.cache_timeout
         if timeout and node.file_type == stat.S_IFREG:
             now = self.ctx.clock()
-            pinned = self.sizes.pinned(attrs.st_ino, now)
+            pinned = self.sizes.pinned(attrs.st_ino)
             if pinned is not None and pinned != size:
                 # An open reading through the page cache would be cut at the new size:
                 # its length, kept by nobody, until it is released (vfs/page_cache.py).
@@ -523,7 +523,7 @@ class Operations(pyfuse3.Operations):
         fh = self.handles.add(handle)
         if cached:
             assert length is not None
-            self.sizes.pin(inode, fh, length, now + self.ctx.cache_timeout)
+            self.sizes.pin(inode, fh, length)
             self._pinned[fh] = inode
         return pyfuse3.FileInfo(fh=fh, direct_io=not cached, keep_cache=False)
 

@@ -18,12 +18,13 @@ expired asks for them again first (GETATTR), which on a host slower than `cache_
 would be one more rendering per reader.  Any other open keeps `direct_io`: it serves
 exactly the bytes of the open, whatever size the kernel believes.
 
-An open through the page cache pins its length until it is released (or `cache_timeout`
-has passed): an attribute reply for the inode meanwhile says that length, with no time to
-keep it, even if the content has changed since, because the kernel would end that open's
-reads at the new size (a `cat` whose own fstat came after a change read `running` without
-its newline).  It is the size of what the open reads; opens made meanwhile see that the
-told size is not their content's, and read with `direct_io`.
+An open through the page cache pins its length until it is released, however long that
+is: an attribute reply for the inode meanwhile says that length, with no time to keep it,
+even if the content has changed since, because the kernel would end that open's reads at
+the new size (a `cat` whose own fstat came after a change read `running` without its
+newline; a program busy for longer than `cache_timeout` between its open and its read,
+likewise).  It is the size of what the open reads; opens made meanwhile see that the told
+size is not their content's, and read with `direct_io`.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class SizesTold:
         self._told: dict[int, tuple[int, float]] = {}
         # inode -> until when a different, earlier size may still be held by the kernel
         self._unsettled: dict[int, float] = {}
-        # inode -> {fh: (length, until)}: opens reading through the page cache
-        self._pins: dict[int, dict[int, tuple[int, float]]] = {}
+        # inode -> {fh: length}: opens reading through the page cache
+        self._pins: dict[int, dict[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._told)
@@ -68,9 +69,10 @@ class SizesTold:
         del self._unsettled[inode]
         return True
 
-    def pin(self, inode: int, fh: int, length: int, until: float) -> None:
-        """Open `fh` reads `length` bytes of `inode` through the page cache."""
-        self._pins.setdefault(inode, {})[fh] = (length, until)
+    def pin(self, inode: int, fh: int, length: int) -> None:
+        """Open `fh` reads `length` bytes of `inode` through the page cache, until it is
+        released (`unpin`)."""
+        self._pins.setdefault(inode, {})[fh] = length
 
     def unpin(self, inode: int, fh: int) -> None:
         pins = self._pins.get(inode)
@@ -79,15 +81,11 @@ class SizesTold:
             if not pins:
                 del self._pins[inode]
 
-    def pinned(self, inode: int, now: float) -> int | None:
-        """The length an open through the page cache reads, while one does."""
+    def pinned(self, inode: int) -> int | None:
+        """The length an open through the page cache reads, while one does (all such opens
+        read the same length: a size told while one is pinned is the pinned one)."""
         pins = self._pins.get(inode)
-        if not pins:
-            return None
-        for length, until in pins.values():
-            if now < until:
-                return length
-        return None
+        return next(iter(pins.values())) if pins else None
 
     def forget(self, inode: int) -> None:
         """The kernel dropped the inode, and with it every size it held."""
