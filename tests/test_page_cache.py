@@ -168,3 +168,30 @@ def test_a_slow_reader_gets_what_it_opened_after_the_cache_time(mount_factory) -
         assert run("stat", "-c", "%s", domain / "state").stdout == "7\n"
     finally:
         write_file(domain / "control", "resume\n")
+
+
+def test_two_readers_of_one_file_never_get_each_others_bytes(mount_factory) -> None:
+    """A program reads the first 64 KiB of a big `xml` (300,000 a's in its description);
+    the description is rewritten with as many b's (the same length) and `cat` reads it
+    whole; the first program's next reads still give its own a's, not the b's that `cat`
+    left in the kernel's page cache."""
+    mounted = mount_factory("test:///default", options="cache_timeout=2")
+    domain = mounted.host() / "domains/test"
+    xml = (domain / "xml").read_text()
+
+    def described(letter: str) -> str:
+        return xml.replace("<name>test</name>", "<name>test</name><description>"
+                           f"{letter * 300_000}</description>", 1)
+    write_file(domain / "xml", described("a"))
+    first = (domain / "xml").read_bytes()
+    run("ls", "-l", domain)
+    time.sleep(3.2)  # the kernel holds no size but the new one's
+    run("ls", "-l", domain)  # told again: the next open reads through the page cache
+    with open(domain / "xml", "rb", buffering=0) as reader:
+        got = reader.read(65536)
+        write_file(domain / "xml", described("b"))
+        second = run("cat", domain / "xml").stdout.encode()
+        assert len(second) == len(first) and b"b" * 1000 in second
+        while chunk := reader.read(65536):
+            got += chunk
+    assert got == first, f"{got.count(b'a')} a's and {got.count(b'b')} b's"

@@ -518,7 +518,9 @@ class Operations(pyfuse3.Operations):
         (vfs/page_cache.py); the page cache is emptied at every open all the same."""
         length = handle.fixed_length()
         now = self.ctx.clock()
-        cached = (length is not None and inode != 0
+        # Opens share the inode's page cache: while one reads through it, another that
+        # filled it would leave its own rendering's pages for the first one's next reads.
+        cached = (length is not None and inode != 0 and self.sizes.pinned(inode) is None
                   and self.sizes.settled_at(inode, length, now))
         fh = self.handles.add(handle)
         if cached:

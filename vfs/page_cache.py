@@ -23,8 +23,11 @@ is: an attribute reply for the inode meanwhile says that length, with no time to
 even if the content has changed since, because the kernel would end that open's reads at
 the new size (a `cat` whose own fstat came after a change read `running` without its
 newline; a program busy for longer than `cache_timeout` between its open and its read,
-likewise).  It is the size of what the open reads; opens made meanwhile see that the told
-size is not their content's, and read with `direct_io`.
+likewise).  It is the size of what the open reads.  Opens made meanwhile read with
+`direct_io`: the page cache is the inode's, not the open's, and a second open reading
+through it would fill it with its own rendering, which the first one's next reads would
+then get (of an `xml` rewritten with the same length, the first 64 KiB of one and the
+rest of the other).
 """
 
 from __future__ import annotations
