@@ -62,6 +62,7 @@ def _fuse_errors(now: Callable[..., Any] | None = None
     def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         name = fn.__name__
         counters.REQUESTS.setdefault(name, 0)
+        counters.WAITED.setdefault(name, 0)
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -74,7 +75,7 @@ def _fuse_errors(now: Callable[..., Any] | None = None
                     result = now(*args, **kwargs)
                     if result is not _SLOW:
                         return result
-                counters.WAITED[name] = counters.WAITED.get(name, 0) + 1
+                counters.WAITED[name] += 1
                 with operations.pending.request():  # unmounting ends it (vfs/pending.py)
                     return await fn(*args, **kwargs)
             except pyfuse3.FUSEError as e:
@@ -140,7 +141,6 @@ class Operations(pyfuse3.Operations):
         self.callers = CallerInodes(ctx, self.inodes)
         self.pending = Pending()
         self.sizes = SizesTold()  # which opens may use the page cache (vfs/page_cache.py)
-        self._pinned: dict[int, int] = {}  # fh -> inode, of opens through the page cache
         # fh -> the program that opened it, for handles whose writes may wait long
         self._writers: dict[int, int] = {}
         # fh -> (node id, opening thread, its program), for handles whose reads may wait
@@ -517,16 +517,14 @@ class Operations(pyfuse3.Operations):
         """`direct_io` unless the kernel surely holds the size of what `handle` reads
         (vfs/page_cache.py); the page cache is emptied at every open all the same."""
         length = handle.fixed_length()
-        now = self.ctx.clock()
         # Opens share the inode's page cache: while one reads through it, another that
         # filled it would leave its own rendering's pages for the first one's next reads.
         cached = (length is not None and inode != 0 and self.sizes.pinned(inode) is None
-                  and self.sizes.settled_at(inode, length, now))
+                  and self.sizes.settled_at(inode, length, self.ctx.clock()))
         fh = self.handles.add(handle)
         if cached:
             assert length is not None
             self.sizes.pin(inode, fh, length)
-            self._pinned[fh] = inode
         return pyfuse3.FileInfo(fh=fh, direct_io=not cached, keep_cache=False)
 
     @_fuse_errors()
@@ -563,12 +561,17 @@ class Operations(pyfuse3.Operations):
         handle = self.handles.get(fh)
         # A control word may wait long; a writer killed meanwhile must be let go.  Other
         # writes only fill a buffer: no watcher for them (pid 0).
+        return await self._shown(unless_killed(self._writers.get(fh, 0),
+                                               lambda: handle.write(off, buf)))
+
+    async def _shown(self, change: Awaitable[R]) -> R:
+        """Await `change` (a write, a commit); if it queued invalidations, return once the
+        kernel was told them, so that a `stat` right after shows the new size."""
         queued = self.kernel_cache.queued
-        written = await unless_killed(self._writers.get(fh, 0),
-                                      lambda: handle.write(off, buf))
-        if self.kernel_cache.queued != queued:  # it changed something: `stat` shows it
+        result = await change
+        if self.kernel_cache.queued != queued:
             await self.kernel_cache.told()
-        return written
+        return result
 
     def _flush_now(self, fh: int) -> Any:
         """A reader's close() (and a writer's that wrote nothing since): nothing to do.
@@ -579,10 +582,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors(_flush_now)
     async def flush(self, fh: int) -> None:
-        queued = self.kernel_cache.queued
-        await self.handles.get(fh).flush()
-        if self.kernel_cache.queued != queued:  # a document was committed: `stat` shows it
-            await self.kernel_cache.told()
+        await self._shown(self.handles.get(fh).flush())  # a document may be committed
 
     @_fuse_errors()
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -594,20 +594,15 @@ class Operations(pyfuse3.Operations):
             return _SLOW
         self._writers.pop(fh, None)
         self._readers.pop(fh, None)
-        self._unpin(fh)
+        self.sizes.unpin(fh)
         self.handles.pop(fh)
         return None
-
-    def _unpin(self, fh: int) -> None:
-        inode = self._pinned.pop(fh, None)
-        if inode is not None:
-            self.sizes.unpin(inode, fh)
 
     @_fuse_errors(_release_now)
     async def release(self, fh: int) -> None:
         self._writers.pop(fh, None)
         self._readers.pop(fh, None)
-        self._unpin(fh)
+        self.sizes.unpin(fh)
         handle = self.handles.pop(fh)
         if handle is not None:
             await handle.release()

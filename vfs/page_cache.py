@@ -45,11 +45,10 @@ class SizesTold:
         self._told: dict[int, tuple[int, float]] = {}
         # inode -> until when a different, earlier size may still be held by the kernel
         self._unsettled: dict[int, float] = {}
-        # inode -> {fh: length}: opens reading through the page cache
-        self._pins: dict[int, dict[int, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._told)
+        # An open reading through the page cache, at most one per inode (others of the
+        # inode read with direct_io meanwhile): inode -> its length, and fh -> inode.
+        self._pins: dict[int, int] = {}
+        self._pinned_by: dict[int, int] = {}
 
     def told(self, inode: int, size: int, now: float, valid_for: float) -> None:
         """An attribute reply saying `size`, valid for `valid_for` seconds, was made."""
@@ -75,20 +74,18 @@ class SizesTold:
     def pin(self, inode: int, fh: int, length: int) -> None:
         """Open `fh` reads `length` bytes of `inode` through the page cache, until it is
         released (`unpin`)."""
-        self._pins.setdefault(inode, {})[fh] = length
+        self._pins[inode] = length
+        self._pinned_by[fh] = inode
 
-    def unpin(self, inode: int, fh: int) -> None:
-        pins = self._pins.get(inode)
-        if pins is not None:
-            pins.pop(fh, None)
-            if not pins:
-                del self._pins[inode]
+    def unpin(self, fh: int) -> None:
+        """Open `fh` was released (whether it read through the page cache or not)."""
+        inode = self._pinned_by.pop(fh, None)
+        if inode is not None:
+            del self._pins[inode]
 
     def pinned(self, inode: int) -> int | None:
-        """The length an open through the page cache reads, while one does (all such opens
-        read the same length: a size told while one is pinned is the pinned one)."""
-        pins = self._pins.get(inode)
-        return next(iter(pins.values())) if pins else None
+        """The length the open through the page cache reads, while one does."""
+        return self._pins.get(inode)
 
     def forget(self, inode: int) -> None:
         """The kernel dropped the inode, and with it every size it held."""
