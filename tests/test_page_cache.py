@@ -6,6 +6,7 @@ from the host's table at once, without a wait (`waited.` counts)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import libvirt
@@ -28,9 +29,12 @@ def test_cat_after_ls_l_is_one_read(mount_factory) -> None:
     run("ls", "-l", domain)
     before = counters(mounted.path)
     assert run("cat", domain / "state").stdout == "running\n"
-    assert run("cat", domain / "xml").stdout.startswith("<domain")
+    assert run("cat", domain / "info").stdout.startswith("name: test\n")
     after = counters(mounted.path)
     assert after["fuse.read"] - before["fuse.read"] == 2
+    # `xml` can be written, so the kernel may set its size itself: always direct_io (2).
+    assert run("cat", domain / "xml").stdout.startswith("<domain")
+    assert counters(mounted.path)["fuse.read"] - after["fuse.read"] == 2
 
 
 def test_a_state_that_grew_since_its_stat_is_read_whole(mount_factory) -> None:
@@ -195,3 +199,34 @@ def test_two_readers_of_one_file_never_get_each_others_bytes(mount_factory) -> N
         while chunk := reader.read(65536):
             got += chunk
     assert got == first, f"{got.count(b'a')} a's and {got.count(b'b')} b's"
+
+
+def test_readers_of_xml_get_it_whole_while_a_writer_rewrites_it(mount_factory) -> None:
+    """A writer that opens `xml` with O_TRUNC and writes makes the kernel set the file's
+    size itself (0, then what it wrote), behind any size told: readers meanwhile must
+    still get the whole definition they opened."""
+    mounted = mount_factory("test:///default")
+    xml = mounted.host() / "domains/test/xml"
+    whole = xml.read_text()
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            with open(xml, "w") as f:  # the same definition again: a commit changes nothing
+                for start in range(0, len(whole), 64):
+                    f.write(whole[start:start + 64])
+                    f.flush()
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        bad = []
+        for _ in range(400):
+            run("ls", "-l", xml.parent)
+            text = xml.read_text()
+            if "<name>test</name>" not in text:
+                bad.append(text[:80])
+        assert not bad, f"{len(bad)} of 400 reads were not the definition: {bad[:3]}"
+    finally:
+        stop.set()
+        writer.join()

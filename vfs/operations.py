@@ -519,7 +519,10 @@ class Operations(pyfuse3.Operations):
         length = handle.fixed_length()
         # Opens share the inode's page cache: while one reads through it, another that
         # filled it would leave its own rendering's pages for the first one's next reads.
-        cached = (length is not None and inode != 0 and self.sizes.pinned(inode) is None
+        # A file one may write is never read so: a writer's O_TRUNC open and its writes
+        # set the kernel's size themselves, and a reader then got nothing at all.
+        cached = (length is not None and inode != 0 and not handle.node.writable
+                  and self.sizes.pinned(inode) is None
                   and self.sizes.settled_at(inode, length, self.ctx.clock()))
         fh = self.handles.add(handle)
         if cached:

@@ -28,6 +28,10 @@ likewise).  It is the size of what the open reads.  Opens made meanwhile read wi
 through it would fill it with its own rendering, which the first one's next reads would
 then get (of an `xml` rewritten with the same length, the first 64 KiB of one and the
 rest of the other).
+
+Only files nobody can write through the mount are read so (`state`, `info`, ...): a
+writer's O_TRUNC open sets the kernel's size to 0, and its writes to what it wrote, behind
+every size told; a reader of `xml` meanwhile read nothing at all.
 """
 
 from __future__ import annotations

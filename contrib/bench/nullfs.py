@@ -6,7 +6,7 @@ contents, served the way libvirtfs serves them (vfs/operations.py, mount/serve.p
 same FUSE mount options (default_permissions, no writeback cache), entry and attribute
 timeouts of cache_timeout (0 for control and autostart, whose inodes libvirtfs makes per
 program), the page cache emptied at every open and `direct_io` only for the files with
-no cached attributes (libvirtfs's rule when contents do not change: vfs/page_cache.py),
+no cached attributes or that can be written (libvirtfs's rule: vfs/page_cache.py),
 `.` and `..` in readdir, negative entries for missing names in domains/, a FLUSH answered
 on every close, ENOATTR for
 `user.` extended attributes and ENOTSUP for every other namespace (what libvirtfs aims
@@ -245,8 +245,11 @@ class NullFS(pyfuse3.Operations):
         kind, what = self.kind(inode)
         if kind != "file":
             raise pyfuse3.FUSEError(errno.EISDIR)
-        own_timeout = what[2]
-        cached = (self.timeout if own_timeout is None else own_timeout) > 0
+        _, permissions, own_timeout = what
+        # libvirtfs's rule: the page cache only for files with cached attributes that
+        # nobody can write (vfs/page_cache.py)
+        cached = ((self.timeout if own_timeout is None else own_timeout) > 0
+                  and not permissions & 0o222)
         return pyfuse3.FileInfo(fh=inode, direct_io=not cached, keep_cache=False)
 
     @counted
